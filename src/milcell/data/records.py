@@ -26,14 +26,13 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from sklearn.impute import SimpleImputer
-from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from milcell.exceptions import ConfigError, DataError
@@ -111,8 +110,11 @@ class CellRecord:
 class ClinicalScaler:
     """Median imputation of missing values, then min-max or standard scaling.
 
-    Thin wrapper over scikit-learn (``SimpleImputer`` then ``MinMaxScaler``
-    or ``StandardScaler``) that remembers the attribute names.
+    The statistics are fitted with scikit-learn (``SimpleImputer`` then
+    ``MinMaxScaler`` or ``StandardScaler``). Both scalings are affine per
+    column, so a fitted scaler is three numbers per column — the imputed
+    value, the scale and the offset — which :meth:`to_dict` writes as JSON
+    next to a model's weights and :meth:`from_dict` reads back exactly.
 
     Parameters
     ----------
@@ -122,12 +124,20 @@ class ClinicalScaler:
         ``"minmax"`` rescales to [0, 1] on the fitted rows, as the 2024
         lymphocytosis report did.
 
+    Attributes
+    ----------
+    fill, scale, offset : ndarray or None
+        ``(F,)`` each once fitted: ``nan`` becomes ``fill``, then
+        ``x * scale + offset``.
+
     Examples
     --------
     >>> import numpy as np
     >>> s = ClinicalScaler(["age"]).fit(np.array([[20.0], [np.nan], [60.0]]))
     >>> s.transform(np.array([[40.0], [np.nan]])).ravel().tolist()
     [0.5, 0.5]
+    >>> ClinicalScaler.from_dict(s.to_dict()).transform(np.array([[60.0]])).tolist()
+    [[1.0]]
     """
 
     def __init__(self, names: Sequence[str], method: Literal["minmax", "standard"] = "minmax"):
@@ -135,11 +145,14 @@ class ClinicalScaler:
             raise ConfigError(f"ClinicalScaler: method must be 'minmax' or 'standard', got {method!r}")
         self.names = tuple(names)
         self.method = method
-        scaler = MinMaxScaler() if method == "minmax" else StandardScaler()
-        self._pipeline = Pipeline(
-            [("impute", SimpleImputer(strategy="median", keep_empty_features=True)), ("scale", scaler)]
-        )
-        self.fitted = False
+        self.fill: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.offset: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`from_dict`) has set the statistics."""
+        return self.scale is not None
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -155,15 +168,54 @@ class ClinicalScaler:
         x = self._check(x)
         if x.shape[0] == 0:
             raise DataError("ClinicalScaler.fit: no rows to fit on")
-        self._pipeline.fit(x)
-        self.fitted = True
+        imputer = SimpleImputer(strategy="median", keep_empty_features=True)
+        imputed = imputer.fit_transform(x)
+        if self.method == "minmax":
+            minmax = MinMaxScaler().fit(imputed)
+            scale, offset = minmax.scale_, minmax.min_
+        else:
+            standard = StandardScaler().fit(imputed)
+            scale = 1.0 / standard.scale_
+            offset = -standard.mean_ * scale
+        self.fill = np.asarray(imputer.statistics_, dtype=np.float64)
+        self.scale = np.asarray(scale, dtype=np.float64)
+        self.offset = np.asarray(offset, dtype=np.float64)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Impute and scale ``x`` of shape ``(n, F)``; returns float32 ``(n, F)``."""
-        if not self.fitted:
+        if self.fill is None or self.scale is None or self.offset is None:
             raise ConfigError("ClinicalScaler.transform called before fit")
-        return self._pipeline.transform(self._check(x)).astype(np.float32)
+        x = self._check(x)
+        return (np.where(np.isnan(x), self.fill, x) * self.scale + self.offset).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state of a fitted scaler."""
+        if self.fill is None or self.scale is None or self.offset is None:
+            raise ConfigError("ClinicalScaler.to_dict called before fit")
+        return {
+            "names": list(self.names),
+            "method": self.method,
+            "fill": self.fill.tolist(),
+            "scale": self.scale.tolist(),
+            "offset": self.offset.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> ClinicalScaler:
+        """Rebuild a fitted scaler from :meth:`to_dict`; raises :class:`DataError` if malformed."""
+        try:
+            scaler = cls(state["names"], state.get("method", "minmax"))
+            arrays = [np.asarray(state[k], dtype=np.float64) for k in ("fill", "scale", "offset")]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"malformed clinical scaler state: {exc!r}") from None
+        if any(a.shape != (len(scaler.names),) for a in arrays):
+            raise DataError(
+                f"malformed clinical scaler state: {len(scaler.names)} names but columns of shapes "
+                f"{[a.shape for a in arrays]}"
+            )
+        scaler.fill, scaler.scale, scaler.offset = arrays
+        return scaler
 
 
 @dataclass

@@ -1,0 +1,649 @@
+"""Backbone factory: any timm (or torchvision) image model as an instance feature extractor.
+
+:func:`create_backbone` builds a model with ``timm.create_model(...,
+num_classes=0)`` and wraps it in a :class:`Backbone` that maps a packed stack
+of cell images ``(T, C, H, W)`` to features ``(T, D)``. The wrapper exposes
+``num_features`` (``D``), ``in_chans``, ``name`` and ``data_config`` (input
+size, mean, std, interpolation, crop_pct, as resolved by timm) for the data
+transforms.
+
+**Names.** Any timm model name works (``timm.list_models()``), as does any torchvision
+classification model through the ``"torchvision/"`` prefix (e.g.
+``"torchvision/googlenet"``, which timm lacks). :func:`list_backbones` lists
+the presets used by the reproduced reports, including the K-scaled
+mini-ResNet (:mod:`milcell.nn.mini_resnet`).
+
+**Weights.** ``pretrained=True`` uses timm's (or torchvision's) normal download; offline it
+fails at once with a :class:`~milcell.exceptions.CheckpointError` that says
+how to pass a local file. ``checkpoint_path`` (safetensors or a torch state
+dict, read with ``weights_only=True``) always works and never unpickles code.
+
+**Trainable parts.** ``trainable="all"`` trains everything; ``trainable="head"`` freezes every
+backbone parameter (a frozen feature extractor: only the pooling and head on
+top train, and features may be cached); an int ``k`` leaves only the last
+``k`` stages (plus any final norm or head convolution after them) trainable,
+using timm's ``group_matcher`` to find the stages.
+
+Examples
+--------
+>>> import torch
+>>> from milcell.nn.backbones import create_backbone
+>>> net = create_backbone("milcell_mini_resnet_k8")
+>>> net(torch.rand(5, 3, 32, 32)).shape, net.num_features
+(torch.Size([5, 64]), 64)
+>>> net.data_config["mean"]
+(0.485, 0.456, 0.406)
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import timm.data
+import torch
+from timm.models import group_parameters
+from torch import Tensor, nn
+
+import milcell.nn.mini_resnet  # noqa: F401  (registers the mini-ResNet models with timm)
+from milcell.exceptions import CheckpointError, ConfigError
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "Backbone",
+    "backbone_stages",
+    "create_backbone",
+    "list_backbones",
+    "load_backbone_weights",
+    "set_trainable",
+]
+
+logger = logging.getLogger("milcell")
+
+TORCHVISION_PREFIX = "torchvision/"
+
+#: Preset names and what they reproduce. Any other timm name works as well.
+BACKBONE_PRESETS: dict[str, str] = {
+    "resnet18": "ResNet-18 (white-cell types with the last two stages trainable; lymphocytosis 2024)",
+    "efficientnet_b0": "EfficientNet-B0 (leukaemia C-NMC, Noisy Student and backbone comparison)",
+    "efficientnet_b3": "EfficientNet-B3 (leukaemia backbone comparison)",
+    "vit_base_patch16_224": "ViT-B/16 vision transformer",
+    "vgg16": "VGG-16 (leukaemia backbone comparison; white-cell pseudo-labels)",
+    "densenet169": "DenseNet-169 (leukaemia backbone comparison)",
+    "resnet152": "ResNet-152 (leukaemia backbone comparison)",
+    "torchvision/googlenet": "GoogLeNet from torchvision (leukaemia backbone comparison)",
+    "milcell_mini_resnet": "K-scaled mini-ResNet, width=K (lymphocytosis 2021)",
+    "milcell_mini_resnet_k8": "tiny K=8 mini-ResNet for tests and tours",
+    "milcell_mini_resnet_k32": "mini-ResNet K=32 (lymphocytosis 2021)",
+    "milcell_mini_resnet_k64": "mini-ResNet K=64 (lymphocytosis 2021)",
+}
+
+_IMAGENET_CONFIG: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+    "std": timm.data.IMAGENET_DEFAULT_STD,
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+# Classifier prefixes that a checkpoint may carry and a feature extractor does not need.
+_CLASSIFIER_PREFIXES = ("fc", "classifier", "head", "heads", "last_linear", "head_dist")
+_OFFLINE_HINT = (
+    "download pretrained weights where the network is reachable, or pass a local weights file with "
+    "checkpoint_path='model.safetensors' (safetensors or a torch state dict)"
+)
+
+
+def list_backbones() -> list[str]:
+    """Sorted preset names (any other timm model name, or ``"torchvision/<name>"``, also works).
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> "resnet18" in list_backbones() and "milcell_mini_resnet_k32" in list_backbones()
+    True
+    """
+    return sorted(BACKBONE_PRESETS)
+
+
+class Backbone(nn.Module):
+    """A feature extractor mapping images ``(T, C, H, W)`` to features ``(T, D)``.
+
+    Built by :func:`create_backbone`; wraps a timm or torchvision model whose
+    classifier has been removed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier-free network; its output is flattened to ``(T, D)``.
+    name : str
+        The name it was created from.
+    num_features : int
+        ``D``, the output width.
+    data_config : dict
+        ``input_size`` ``(C, H, W)``, ``mean``, ``std``, ``interpolation``,
+        ``crop_pct`` (and ``crop_mode``) for the data transforms.
+    in_chans : int, default 3
+        Input channels ``C``.
+
+    Attributes
+    ----------
+    trainable : str or int
+        What :func:`set_trainable` last left trainable ("all", "head" or k).
+
+    Examples
+    --------
+    >>> import torch
+    >>> bb = Backbone(torch.nn.Flatten(1), name="flat", num_features=12, data_config={})
+    >>> bb(torch.rand(2, 3, 2, 2)).shape
+    torch.Size([2, 12])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        num_features: int,
+        data_config: Mapping[str, Any],
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.num_features = int(num_features)
+        self.data_config = dict(data_config)
+        self.in_chans = int(in_chans)
+        self.trainable: str | int = "all"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(T, C, H, W)`` → ``(T, D)``."""
+        y = self.model(x)
+        if isinstance(y, (tuple, list)):  # e.g. torchvision models returning auxiliary outputs
+            y = y[0]
+        return y.flatten(1) if y.ndim != 2 else y
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_features={self.num_features}, trainable={self.trainable!r}"
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _suggest(name: str) -> str:
+    all_names = timm.list_models()
+    stem = name.split("/")[-1].split(".")[0]
+    found = timm.list_models(f"*{stem}*")[:8] if stem else []
+    close = difflib.get_close_matches(stem, all_names + list(BACKBONE_PRESETS), n=5, cutoff=0.6)
+    suggestions = list(dict.fromkeys(close + found))[:8]
+    return ", ".join(suggestions) if suggestions else ", ".join(list_backbones())
+
+
+def _check_timm_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise ConfigError(
+            f"create_backbone: unknown backbone name {name!r}; did you mean one of: {_suggest(name)} "
+            "(timm.list_models() lists all; torchvision models take the 'torchvision/' prefix)"
+        )
+
+
+# -------------------------------------------------------------------------------------------- building
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _weights_cached(cfg: Any) -> bool:
+    """Whether timm would find the pretrained weights of ``cfg`` without the network."""
+    if getattr(cfg, "file", None):
+        return Path(cfg.file).is_file()
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+        repo, _, revision = str(hub_id).partition("@")
+        for filename in filter(None, names):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return True
+        return False
+    url = getattr(cfg, "url", None)
+    if url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(url))).is_file()
+    return False
+
+
+def _create_timm(
+    name: str, pretrained: bool, in_chans: int, timm_kwargs: dict[str, Any]
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    _check_timm_name(name)
+    if pretrained and not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not cfg.has_weights:
+            raise ConfigError(
+                f"create_backbone: timm has no pretrained weights for {name!r}; use pretrained=False "
+                "or pass checkpoint_path='weights.safetensors'"
+            )
+        if _is_offline() and not _weights_cached(cfg):
+            raise CheckpointError(
+                f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and pretrained weights for "
+                f"{name!r} are not in the local cache; {_OFFLINE_HINT}"
+            )
+    start = time.monotonic()
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **timm_kwargs
+        )
+    except TypeError as exc:
+        raise ConfigError(f"create_backbone: bad keyword argument for {name!r}: {exc}") from exc
+    except Exception as exc:
+        if not pretrained:
+            raise
+        raise CheckpointError(
+            f"create_backbone: could not get pretrained weights for {name!r} after "
+            f"{time.monotonic() - start:.1f} s ({type(exc).__name__}: {str(exc)[:200]}); {_OFFLINE_HINT}"
+        ) from exc
+    num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    data_config = dict(timm.data.resolve_model_data_config(model))
+    if data_config["input_size"][0] != in_chans:
+        data_config["input_size"] = (in_chans, *data_config["input_size"][1:])
+    for key in ("mean", "std"):
+        values = tuple(data_config[key])
+        if len(values) != in_chans:
+            data_config[key] = (sum(values) / len(values),) * in_chans
+    img_size = timm_kwargs.get("img_size")
+    if img_size is not None:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        data_config["input_size"] = (in_chans, *hw)
+    return model, num_features, data_config
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    found = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (module_name, module)
+    return found
+
+
+def _create_torchvision(
+    arch: str, pretrained: bool, in_chans: int, kwargs: dict[str, Any]
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    import torchvision
+
+    classification = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in classification:
+        close = difflib.get_close_matches(arch, sorted(classification), n=5, cutoff=0.5)
+        raise ConfigError(
+            f"create_backbone: unknown torchvision classification model {arch!r}; "
+            f"did you mean one of: {', '.join(close) or ', '.join(sorted(classification)[:10])}"
+        )
+    if in_chans != 3:
+        raise ConfigError(
+            f"create_backbone: torchvision models take in_chans=3 only, got in_chans={in_chans}"
+        )
+    kwargs = dict(kwargs)
+    if arch in ("googlenet", "inception_v3") and not pretrained:
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    weights = None
+    if pretrained:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        if _is_offline() and not cached.exists():
+            raise CheckpointError(
+                f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and torchvision weights for "
+                f"{arch!r} are not cached at {cached}; {_OFFLINE_HINT}"
+            )
+    try:
+        model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"create_backbone: bad keyword argument for torchvision/{arch}: {exc}") from exc
+    except Exception as exc:
+        if not pretrained:
+            raise
+        raise CheckpointError(
+            f"create_backbone: could not get pretrained weights for torchvision/{arch} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); {_OFFLINE_HINT}"
+        ) from exc
+    if getattr(model, "aux_logits", False):  # auxiliary classifiers are training aids, not features
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    found = _last_linear(model)
+    if found is None:
+        raise ConfigError(f"create_backbone: torchvision/{arch} has no linear classifier to remove")
+    path, linear = found
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    setattr(parent, path.rpartition(".")[2], nn.Identity())
+    data_config = dict(_IMAGENET_CONFIG)
+    if weights is not None:
+        size = getattr(weights.transforms(), "crop_size", None)
+        if size:
+            data_config["input_size"] = (3, *size) if len(size) == 2 else (3, size[0], size[0])
+    return model, int(linear.in_features), data_config
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    trainable: str | int = "all",
+    in_chans: int = 3,
+    **timm_kwargs: Any,
+) -> Backbone:
+    """Build a feature extractor ``(T, C, H, W)`` → ``(T, D)`` by name.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name (see :func:`list_backbones` for presets, e.g.
+        ``"resnet18"``, ``"efficientnet_b0"``, ``"vit_base_patch16_224"``,
+        ``"milcell_mini_resnet_k32"``) or ``"torchvision/<name>"`` for a
+        torchvision classification model (e.g. ``"torchvision/googlenet"``).
+    pretrained : bool, default False
+        Download ImageNet weights through timm/torchvision. Offline this
+        raises :class:`CheckpointError` at once; pass ``checkpoint_path`` instead.
+    checkpoint_path : path or None, default None
+        Local weights (``.safetensors`` or a torch state dict). Backbone keys
+        must match exactly; classifier keys (``fc.*``, ``classifier.*``,
+        ``head.*``) are ignored. Takes precedence over ``pretrained``.
+    trainable : {"all", "head"} or int, default "all"
+        ``"all"``: every parameter trains. ``"head"``: no backbone parameter
+        trains (a frozen feature extractor). ``k``: only the last ``k`` stages
+        (and whatever follows them, such as a final norm) train.
+    in_chans : int, default 3
+        Input channels ``C``.
+    **timm_kwargs
+        Passed to ``timm.create_model`` (e.g. ``img_size=32`` for a ViT,
+        ``global_pool="flatten"`` or ``norm_layer="groupnorm"`` for the
+        mini-ResNet) or to ``torchvision.models.get_model``.
+
+    Returns
+    -------
+    Backbone
+        With ``num_features`` (``D``), ``data_config``, ``in_chans``, ``name``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown name (with suggestions), bad ``trainable`` or keyword argument,
+        or a model without pretrained weights.
+    CheckpointError
+        Weights that cannot be downloaded or a bad ``checkpoint_path``.
+
+    Examples
+    --------
+    >>> from milcell.nn.backbones import create_backbone
+    >>> bb = create_backbone("resnet18", trainable=2)
+    >>> sorted({n.split(".")[1] for n, p in bb.named_parameters() if p.requires_grad})
+    ['layer3', 'layer4']
+    >>> create_backbone("resnet_18")
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.ConfigError: create_backbone: unknown backbone name 'resnet_18'; did you mean ...
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"create_backbone: name must be a non-empty string, got {name!r}")
+    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+        raise ConfigError(f"create_backbone: in_chans must be a positive int, got {in_chans!r}")
+    _check_trainable(trainable)
+    timm_kwargs.pop("num_classes", None)
+    download = bool(pretrained) and checkpoint_path is None
+    if pretrained and checkpoint_path is not None:
+        logger.info("create_backbone(%s): checkpoint_path given, not downloading pretrained weights", name)
+    if name.startswith(TORCHVISION_PREFIX):
+        model, num_features, data_config = _create_torchvision(
+            name[len(TORCHVISION_PREFIX) :], download, in_chans, timm_kwargs
+        )
+    else:
+        model, num_features, data_config = _create_timm(name, download, in_chans, timm_kwargs)
+    backbone = Backbone(
+        model, name=name, num_features=num_features, data_config=data_config, in_chans=in_chans
+    )
+    if checkpoint_path is not None:
+        load_backbone_weights(backbone.model, checkpoint_path)
+    set_trainable(backbone, trainable)
+    return backbone
+
+
+# ------------------------------------------------------------------------------------------- weights
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is not a valid safetensors file: {exc}"
+            ) from exc
+    else:
+        import pickle
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            detail = str(exc)
+            if "GLOBAL" in detail or "global" in detail:
+                reason = next((ln for ln in detail.splitlines() if "GLOBAL" in ln or "global" in ln), "")
+                raise CheckpointError(
+                    f"checkpoint file {str(path)!r} is not a weights-only torch file (it would need to run "
+                    f"code to load, which milcell refuses): {reason.strip()[:200]}"
+                ) from exc
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is corrupt or not a torch state dict (unreadable pickle)"
+            ) from exc
+        except Exception as exc:
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is corrupt or not a torch state dict: "
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
+    if isinstance(state, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            inner = state.get(key)
+            if isinstance(inner, Mapping) and len(state) <= 3:
+                state = inner
+                break
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not hold a state dict of named tensors")
+    return dict(state)
+
+
+def load_backbone_weights(model: nn.Module, checkpoint_path: str | os.PathLike[str]) -> None:
+    """Load local weights into a classifier-free backbone, strictly.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (``Backbone.model`` or a :class:`Backbone`, whose
+        ``model.`` prefix is handled).
+    checkpoint_path : path
+        ``.safetensors`` file, or a torch state dict (loaded with
+        ``torch.load(..., weights_only=True)``; a ``{"state_dict": ...}`` or
+        ``{"model": ...}`` wrapper and a ``module.`` prefix are accepted).
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, corrupt file, a pickle that is not weights-only, missing
+        or unexpected backbone keys, or shape mismatches; the message names the file.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from safetensors.torch import save_file
+    >>> from milcell.nn.backbones import create_backbone, load_backbone_weights
+    >>> src, dst = create_backbone("milcell_mini_resnet_k8"), create_backbone("milcell_mini_resnet_k8")
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> save_file(src.model.state_dict(), path)
+    >>> load_backbone_weights(dst, path)
+    >>> torch.equal(dst.model.conv1.weight, src.model.conv1.weight)
+    True
+    """
+    path = Path(checkpoint_path)
+    if isinstance(model, Backbone):
+        model = model.model
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    for prefix in ("module.", "model."):
+        if not (state.keys() & expected.keys()) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    ignored = [k for k in state if k not in expected and k.split(".")[0] in _CLASSIFIER_PREFIXES]
+    for k in ignored:
+        del state[k]
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not match the backbone: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r}: shape mismatch for {'; '.join(mismatched[:5])}"
+        )
+    model.load_state_dict(state, strict=True)
+    if ignored:
+        logger.info("loaded %s, ignoring classifier keys %s", path, ignored[:5])
+
+
+# ----------------------------------------------------------------------------------------- trainable
+def _check_trainable(trainable: str | int) -> None:
+    if isinstance(trainable, bool) or not (
+        trainable in ("all", "head") or (isinstance(trainable, int) and trainable >= 0)
+    ):
+        raise ConfigError(
+            f"trainable must be 'all', 'head' or a number of last stages (int >= 0), got {trainable!r}"
+        )
+
+
+def _patterns(spec: Any) -> list[re.Pattern[str]]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [re.compile(spec)]
+    return [re.compile(s[0] if isinstance(s, (tuple, list)) else s) for s in spec]
+
+
+def backbone_stages(model: nn.Module) -> tuple[list[str], list[list[str]], list[str]]:
+    """Split a network's parameter names into stem, ordered stages, and tail.
+
+    Uses the model's timm ``group_matcher(coarse=True)`` where it has one
+    (the ``stem`` group, then each stage, then unmatched parameters such as a
+    final norm as the tail); otherwise every top-level child with
+    parameters counts as a stage.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A timm model, a torchvision model, or a :class:`Backbone`.
+
+    Returns
+    -------
+    stem : list of str
+    stages : list of list of str
+    tail : list of str
+
+    Examples
+    --------
+    >>> from milcell.nn.backbones import create_backbone
+    >>> stem, stages, tail = backbone_stages(create_backbone("milcell_mini_resnet_k8"))
+    >>> stem[0], len(stages), stages[-1][0], tail
+    ('conv1.weight', 4, 'layer4.0.conv1.weight', [])
+    """
+    if isinstance(model, Backbone):
+        model = model.model
+    names = [n for n, _ in model.named_parameters()]
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        spec = matcher(coarse=True)
+        stem_patterns = _patterns(spec.get("stem"))
+        other_patterns = [p for key, s in spec.items() if key != "stem" for p in _patterns(s)]
+        group_of = group_parameters(model, spec, reverse=True)
+        stem = [n for n in names if any(p.match(n) for p in stem_patterns)]
+        tail = [n for n in names if n not in stem and not any(p.match(n) for p in other_patterns)]
+        stem_ids = {group_of[n] for n in stem}
+        tail_set = set(tail) | set(stem)
+        ordered: dict[int, list[str]] = {}
+        for n in names:
+            if n not in tail_set and group_of[n] not in stem_ids:
+                ordered.setdefault(group_of[n], []).append(n)
+        stages = [ordered[i] for i in sorted(ordered)]
+        return stem, stages, tail
+    stages = []
+    for child_name, child in model.named_children():
+        params = [f"{child_name}.{n}" for n, _ in child.named_parameters()]
+        if params:
+            stages.append(params)
+    return [], stages, []
+
+
+def set_trainable(model: nn.Module, trainable: str | int) -> None:
+    """Set ``requires_grad`` on a backbone's parameters.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`Backbone` (records ``trainable``) or a bare network.
+    trainable : {"all", "head"} or int
+        ``"all"``: everything trains; ``"head"`` (or 0): nothing in the backbone
+        trains, it is a frozen feature extractor; ``k``: the last ``k`` stages
+        and the tail after them train, the stem and earlier stages are frozen.
+
+    Raises
+    ------
+    ConfigError
+        For an invalid value or more stages than the network has.
+
+    Examples
+    --------
+    >>> from milcell.nn.backbones import create_backbone
+    >>> bb = create_backbone("milcell_mini_resnet_k8")
+    >>> set_trainable(bb, "head")
+    >>> any(p.requires_grad for p in bb.parameters())
+    False
+    """
+    _check_trainable(trainable)
+    net = model.model if isinstance(model, Backbone) else model
+    params = dict(net.named_parameters())
+    if trainable == "all":
+        keep: Iterable[str] = params
+    elif trainable in ("head", 0):
+        keep = ()
+        logger.info("backbone frozen (trainable='head'): it is a fixed feature extractor")
+    else:
+        _, stages, tail = backbone_stages(net)
+        k = int(trainable)
+        if k > len(stages):
+            raise ConfigError(
+                f"trainable={k} but {type(net).__name__} has only {len(stages)} stages "
+                "(use 'all', 'head' or a smaller int)"
+            )
+        keep = [n for stage in stages[len(stages) - k :] for n in stage] + tail
+    keep_set = set(keep)
+    for n, p in params.items():
+        p.requires_grad_(n in keep_set)
+    if isinstance(model, Backbone):
+        model.trainable = trainable

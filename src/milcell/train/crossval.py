@@ -1,0 +1,618 @@
+"""Patient-level cross-validation with a fresh model per fold, resumable fold by fold.
+
+:func:`cross_validate` splits the samples with
+:func:`~milcell.data.splits.patient_kfold` (stratified, grouped by patient,
+optionally repeated), and for every fold builds a new model, asks the caller
+for the fold's ``(train, val)`` datasets, trains it with a
+:class:`~milcell.train.trainer.Trainer`, restores the best checkpoint and
+predicts the validation bags. It returns a :class:`CVResult`: per-fold
+metrics with their mean ± std, the out-of-fold predictions and the fold
+models (for an ensemble, see :mod:`milcell.train.ensemble`).
+
+Leakage
+-------
+Every fold-dependent preprocessing belongs in ``make_datasets``, which sees
+the :class:`~milcell.data.splits.Fold`: fit the clinical scaler on the
+training rows only (``cohort.fit_scaler(fold.train)``) and apply it to both
+sides.
+
+Resume
+------
+With ``output_dir``, fold ``(r, k)`` works in ``output_dir/fold_<r>_<k>/``:
+the trainer writes its checkpoints there (an interrupted fold resumes from
+its last epoch), and a finished fold writes ``model.safetensors`` (the
+restored best weights) and then ``result.json`` (metrics, history,
+out-of-fold predictions and the fold's indices), each atomically. A rerun
+loads every fold that has ``result.json`` instead of training it again, so a
+run interrupted after fold ``k`` resumes at fold ``k + 1``.
+
+Reproducibility
+---------------
+Before fold ``(r, k)`` builds its model the global torch generator is seeded
+with ``seed + 1000 * r + k`` (also the trainer's shuffle seed unless
+``trainer_kwargs`` sets ``seed``), so a fold trains identically whether or
+not earlier folds were loaded from disk.
+
+Examples
+--------
+>>> import torch
+>>> from milcell.data import FeatureBagDataset
+>>> from milcell.nn.model import create_mil_model
+>>> g = torch.Generator().manual_seed(0)
+>>> labels = [0, 1] * 6
+>>> ds = FeatureBagDataset([torch.randn(3, 4, generator=g) + y for y in labels], labels=labels)
+>>> result = cross_validate(
+...     lambda: create_mil_model(None, pooling="mean", feature_dim=4),
+...     lambda fold: (feature_subset(ds, fold.train), feature_subset(ds, fold.val)),
+...     labels, n_splits=3, batch_size=2, trainer_kwargs={"max_epochs": 2, "progress": False},
+... )
+>>> len(result.folds), result.oof.probabilities.shape
+(3, (12, 2))
+>>> print(result.table(["balanced_accuracy"]))
+balanced_accuracy  ... ± ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from numpy.typing import ArrayLike
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from milcell._utils import atomic_path
+from milcell.data.bag import Bag, collate_bags
+from milcell.data.datasets import FeatureBagDataset
+from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler
+from milcell.data.splits import Fold, patient_kfold
+from milcell.exceptions import CheckpointError, ConfigError, DataError
+from milcell.metrics import format_summary, summarize_folds
+from milcell.train.checkpoint import load_weights
+from milcell.train.distributed import is_main_process, make_loader
+from milcell.train.trainer import Trainer
+
+__all__ = ["CVResult", "OOFPredictions", "cross_validate", "feature_subset"]
+
+logger = logging.getLogger("milcell")
+
+RESULT_NAME = "result.json"
+WEIGHTS_NAME = "model.safetensors"
+_RESULT_VERSION = 1
+_DEFAULT_TABLE = ("balanced_accuracy", "sensitivity", "specificity", "auc")
+_RESERVED_TRAINER_KWARGS = ("output_dir", "optimizer", "scheduler", "callbacks")
+
+
+@dataclass
+class OOFPredictions:
+    """Out-of-fold predictions: each labelled sample predicted by the model that did not train on it.
+
+    With ``n_repeats > 1`` every sample appears once per repetition. Rows are
+    ordered by repetition, fold, then position.
+
+    Attributes
+    ----------
+    ids : list of str
+        ``m`` sample (bag) identifiers.
+    indices : ndarray
+        ``(m,)`` int64 position of each row in the ``labels`` given to
+        :func:`cross_validate`.
+    probabilities : ndarray
+        ``(m, C)`` float32 class probabilities.
+    labels : ndarray
+        ``(m,)`` int64 true labels.
+    fold, repeat : ndarray
+        ``(m,)`` int64 fold and repetition of each row.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> oof = OOFPredictions(["a", "b"], np.array([1, 0]), np.array([[0.2, 0.8], [0.6, 0.4]]),
+    ...                      np.array([1, 0]), np.array([0, 1]), np.array([0, 0]))
+    >>> len(oof), oof.predicted.tolist()
+    (2, [1, 0])
+    """
+
+    ids: list[str]
+    indices: np.ndarray
+    probabilities: np.ndarray
+    labels: np.ndarray
+    fold: np.ndarray
+    repeat: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """``(m,)`` int64 most probable class of each row."""
+        return self.probabilities.argmax(axis=1).astype(np.int64)
+
+
+@dataclass
+class CVResult:
+    """What :func:`cross_validate` returns.
+
+    Attributes
+    ----------
+    folds : list of dict
+        Per fold, the validation metrics of the restored best model (keys of
+        :meth:`Trainer.evaluate <milcell.train.trainer.Trainer.evaluate>`:
+        ``loss``, ``balanced_accuracy``, ``sensitivity``, ``specificity``,
+        ``auc``, ...) plus ``repeat`` and ``fold``.
+    summary : dict of str to (float, float)
+        ``metric -> (mean, std)`` over the folds (sample std).
+    oof : OOFPredictions
+        Out-of-fold predictions.
+    models : list of nn.Module
+        The fold models on the CPU, best weights loaded (empty with
+        ``keep_models=False``).
+    histories : list of list of dict
+        The trainer's epoch logs of each fold.
+
+    Examples
+    --------
+    >>> r = CVResult(folds=[], summary={"auc": (0.9, 0.05)}, oof=None, models=[], histories=[])
+    >>> print(r.table(["auc"]))
+    auc  0.90 ± 0.05
+    """
+
+    folds: list[dict[str, float]]
+    summary: dict[str, tuple[float, float]]
+    oof: OOFPredictions
+    models: list[nn.Module] = field(default_factory=list)
+    histories: list[list[dict[str, float]]] = field(default_factory=list)
+
+    def table(self, metrics: Sequence[str] = _DEFAULT_TABLE, digits: int = 2) -> str:
+        """``metric  mean ± std`` rows, one per metric (e.g. ``balanced_accuracy  0.91 ± 0.05``).
+
+        With the default ``metrics``, names absent from the summary (e.g.
+        ``sensitivity`` of a multiclass problem) are skipped; a name passed
+        explicitly must exist.
+
+        Raises
+        ------
+        ConfigError
+            A requested metric that the folds do not have.
+        """
+        names = list(metrics)
+        if tuple(names) == _DEFAULT_TABLE:
+            names = [n for n in names if n in self.summary]
+        return format_summary(self.summary, names, digits=digits)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def feature_subset(
+    dataset: FeatureBagDataset,
+    indices: ArrayLike,
+    clinical_scaler: Any | None = None,
+    *,
+    train: bool | None = None,
+    max_instances: int | None = None,
+    seed: int | None = None,
+) -> FeatureBagDataset:
+    """A :class:`~milcell.data.FeatureBagDataset` of some bags of another, sharing its tensors.
+
+    Use it in ``make_datasets`` over a cached feature dataset; when the
+    dataset holds *raw* clinical attributes, pass a scaler fitted on the
+    training fold so the validation fold never informs the scaling.
+
+    Parameters
+    ----------
+    dataset : FeatureBagDataset
+        The full dataset.
+    indices : array-like of int
+        ``(k,)`` positions to keep, in this order.
+    clinical_scaler : ClinicalScaler or callable, optional
+        Applied to the kept rows of ``dataset.clinical`` ``(k, F)`` (a fitted
+        :class:`~milcell.data.ClinicalScaler`, or any callable on the float64
+        matrix). ``None`` keeps the values as they are.
+    train, max_instances, seed : optional
+        Override the source dataset's instance cap settings.
+
+    Returns
+    -------
+    FeatureBagDataset
+
+    Raises
+    ------
+    DataError
+        An index out of range, or a scaler given for a dataset without clinical attributes.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from milcell.data import ClinicalScaler, FeatureBagDataset
+    >>> ds = FeatureBagDataset([torch.ones(2, 3)] * 3, labels=[0, 1, 0], ids=["a", "b", "c"],
+    ...                        clinical=[[10.0], [20.0], [40.0]], clinical_names=["age"])
+    >>> scaler = ClinicalScaler(["age"]).fit(ds.clinical[[0, 1]].numpy())   # training rows only
+    >>> val = feature_subset(ds, [2], scaler)
+    >>> val.ids, val.clinical.tolist()
+    (['c'], [[3.0]])
+    """
+    if not isinstance(dataset, FeatureBagDataset):
+        raise ConfigError(
+            f"feature_subset: dataset must be a FeatureBagDataset, got {type(dataset).__name__}"
+        )
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(dataset)):
+        raise DataError(f"feature_subset: indices out of range for {len(dataset)} bags: {idx[:5].tolist()}")
+    clinical = None
+    if dataset.clinical is not None:
+        clinical = dataset.clinical[torch.from_numpy(idx)]
+        if clinical_scaler is not None:
+            fn = getattr(clinical_scaler, "transform", clinical_scaler)
+            clinical = torch.as_tensor(np.asarray(fn(clinical.double().numpy()), dtype=np.float32))
+    elif clinical_scaler is not None:
+        raise DataError(
+            "feature_subset: a clinical_scaler was given but the dataset has no clinical attributes"
+        )
+    names = None if dataset.instance_names is None else [dataset.instance_names[i] for i in idx]
+    return FeatureBagDataset(
+        [dataset.features[i] for i in idx],
+        dataset.labels[idx],
+        [dataset.ids[i] for i in idx],
+        clinical,
+        clinical_names=dataset.clinical_names if clinical is not None else (),
+        instance_names=names,
+        max_instances=dataset.max_instances if max_instances is None else max_instances,
+        train=dataset.train if train is None else train,
+        seed=dataset.seed if seed is None else seed,
+        metadata=dataset.metadata,
+    )
+
+
+def _json_float(value: float) -> float | str:
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _from_json_float(value: Any) -> float:
+    return float(value)
+
+
+def _fold_dir(output_dir: Path, fold: Fold) -> Path:
+    return output_dir / f"fold_{fold.repeat}_{fold.fold}"
+
+
+def _load_finished(
+    fold_dir: Path, fold: Fold, build_model: Callable[[], nn.Module], keep_models: bool
+) -> tuple[dict[str, Any], nn.Module | None] | None:
+    result_file = fold_dir / RESULT_NAME
+    if not result_file.is_file():
+        return None
+    try:
+        record = json.loads(result_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("cross_validate: %s is unreadable (%s); the fold is trained again", result_file, exc)
+        return None
+    if not isinstance(record, dict) or record.get("version") != _RESULT_VERSION:
+        logger.warning("cross_validate: %s has an unknown layout; the fold is trained again", result_file)
+        return None
+    if record.get("train") != fold.train.tolist() or record.get("val") != fold.val.tolist():
+        raise ConfigError(
+            f"cross_validate: {fold_dir} holds fold {fold.fold} of repeat {fold.repeat} with other "
+            "patients than this run's split (different labels, groups, n_splits or seed?); "
+            "use another output_dir or delete it"
+        )
+    model = None
+    if keep_models:
+        model = build_model()
+        load_weights(fold_dir / WEIGHTS_NAME, model)
+        model.cpu().eval()
+    logger.info("cross_validate: fold %d of repeat %d loaded from %s", fold.fold, fold.repeat, fold_dir)
+    return record, model
+
+
+def _write_finished(fold_dir: Path, model: nn.Module, record: Mapping[str, Any]) -> None:
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(fold_dir / WEIGHTS_NAME) as tmp:
+            safetensors.torch.save_model(model, str(tmp), force_contiguous=True)
+        # The JSON is written last: its presence marks the fold as finished.
+        with atomic_path(fold_dir / RESULT_NAME) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cross_validate: could not write the finished fold to {fold_dir}: {exc}"
+        ) from exc
+
+
+def _train_loader(
+    dataset: Dataset[Bag],
+    labels: np.ndarray,
+    sampler: str | None,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    if sampler is None:
+        return make_loader(
+            dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, drop_last=drop_last
+        )
+    train_labels = getattr(dataset, "labels", None)
+    train_labels = labels if train_labels is None else np.asarray(train_labels)
+    if len(train_labels) != len(dataset):  # type: ignore[arg-type]
+        raise DataError(
+            f"cross_validate: the training dataset has {len(dataset)} items but {len(train_labels)} "  # type: ignore[arg-type]
+            "labels for the sampler"
+        )
+    chosen: Any
+    if sampler == "balanced":
+        chosen = ClassBalancedSampler(train_labels, seed=seed)
+    else:
+        chosen = MinorityOversampler(train_labels, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=chosen,
+        collate_fn=collate_bags,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+def _check_positive_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"cross_validate: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def cross_validate(
+    build_model: Callable[[], nn.Module],
+    make_datasets: Callable[[Fold], tuple[Dataset[Bag], Dataset[Bag]]],
+    labels: ArrayLike,
+    groups: ArrayLike | None = None,
+    *,
+    n_splits: int = 5,
+    n_repeats: int = 1,
+    seed: int = 0,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    sampler: str | None = None,
+    drop_last: bool = False,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    build_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    keep_models: bool = True,
+    callbacks_factory: Callable[[Fold], Sequence[Any]] | None = None,
+) -> CVResult:
+    """Stratified patient-level k-fold cross-validation with a fresh model per fold.
+
+    Parameters
+    ----------
+    build_model : callable
+        ``() -> nn.Module`` following
+        :class:`~milcell.train.trainer.MILModelLike`; called once per fold
+        (and to rebuild a finished fold's model on resume).
+    make_datasets : callable
+        ``Fold -> (train_ds, val_ds)``: the fold's datasets of
+        :class:`~milcell.data.Bag`. ``val_ds`` must hold the samples
+        ``fold.val`` in that order (``train_ds`` usually ``fold.train``).
+        Fit any fold-dependent preprocessing (clinical scaling) on
+        ``fold.train`` here.
+    labels : array-like
+        ``(n,)`` int labels of the ``n`` samples (bags or cells); ``-1``
+        samples are left out of every fold.
+    groups : array-like, optional
+        ``(n,)`` patient of each sample (cells of a patient stay together);
+        ``None``: each sample is its own patient.
+    n_splits, n_repeats, seed : int
+        Passed to :func:`~milcell.data.splits.patient_kfold`; ``seed`` also
+        seeds every fold (see the module docstring).
+    batch_size : int, default 1
+        Bags per batch (training and validation).
+    num_workers : int, default 0
+        DataLoader workers.
+    sampler : {None, "balanced", "oversample"}, default None
+        Training-loader sampling: shuffled (None),
+        :class:`~milcell.data.samplers.ClassBalancedSampler` or
+        :class:`~milcell.data.samplers.MinorityOversampler`.
+    drop_last : bool, default False
+        Drop the last incomplete training batch (a batch of one bag breaks
+        train-mode BatchNorm on 1×1 feature maps).
+    trainer_kwargs : mapping, optional
+        Forwarded to :class:`~milcell.train.trainer.Trainer` (``max_epochs``,
+        ``lr``, ``precision``, ``monitor``, ``patience``, ``progress``...);
+        ``output_dir``, ``optimizer``, ``scheduler`` and ``callbacks`` are set
+        here and may not appear.
+    build_optimizer : callable, optional
+        ``model -> optimizer``; default the trainer's Adam with ``lr``.
+    build_scheduler : callable, optional
+        ``optimizer -> scheduler``.
+    output_dir : path-like, optional
+        Enables checkpoints and resume (``fold_<r>_<k>/`` subfolders).
+    keep_models : bool, default True
+        Return the fold models (on the CPU).
+    callbacks_factory : callable, optional
+        ``Fold -> callbacks`` for the fold's trainer.
+
+    Returns
+    -------
+    CVResult
+
+    Raises
+    ------
+    ConfigError
+        Invalid arguments, or an ``output_dir`` holding folds of another split.
+    DataError
+        Datasets that do not match the fold.
+    """
+    y = np.asarray(labels)
+    n_splits = _check_positive_int("n_splits", n_splits, 2)
+    n_repeats = _check_positive_int("n_repeats", n_repeats)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    num_workers = _check_positive_int("num_workers", num_workers, 0)
+    seed = _check_positive_int("seed", seed, 0)
+    if sampler not in (None, "balanced", "oversample"):
+        raise ConfigError(
+            f"cross_validate: sampler must be None, 'balanced' or 'oversample', got {sampler!r}"
+        )
+    if not callable(build_model) or not callable(make_datasets):
+        raise ConfigError("cross_validate: build_model and make_datasets must be callables")
+    kwargs = dict(trainer_kwargs or {})
+    reserved = [k for k in _RESERVED_TRAINER_KWARGS if k in kwargs]
+    if reserved:
+        raise ConfigError(
+            f"cross_validate: trainer_kwargs may not set {reserved}; use output_dir, build_optimizer, "
+            "build_scheduler and callbacks_factory instead"
+        )
+    folds = patient_kfold(y, groups, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    root = None if output_dir is None else Path(output_dir)
+
+    fold_rows: list[dict[str, float]] = []
+    histories: list[list[dict[str, float]]] = []
+    models: list[nn.Module] = []
+    oof_parts: list[dict[str, Any]] = []
+    for fold in folds:
+        fold_seed = seed + 1000 * fold.repeat + fold.fold
+        fold_dir = None if root is None else _fold_dir(root, fold)
+        loaded = None if fold_dir is None else _load_finished(fold_dir, fold, build_model, keep_models)
+        if loaded is not None:
+            record, model = loaded
+        else:
+            record, model = _run_fold(
+                fold,
+                fold_seed,
+                build_model,
+                make_datasets,
+                y,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                sampler=sampler,
+                drop_last=drop_last,
+                kwargs=kwargs,
+                build_optimizer=build_optimizer,
+                build_scheduler=build_scheduler,
+                fold_dir=fold_dir,
+                callbacks_factory=callbacks_factory,
+            )
+        metrics = {k: _from_json_float(v) for k, v in record["metrics"].items()}
+        fold_rows.append({**metrics, "repeat": float(fold.repeat), "fold": float(fold.fold)})
+        histories.append([{k: _from_json_float(v) for k, v in row.items()} for row in record["history"]])
+        oof_parts.append(record["oof"] | {"repeat": fold.repeat, "fold": fold.fold})
+        if keep_models and model is not None:
+            models.append(model)
+        summary_line = ", ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("balanced_accuracy", "auc", "accuracy") if k in metrics
+        )
+        logger.info("cross_validate: repeat %d fold %d: %s", fold.repeat, fold.fold, summary_line)
+
+    summary = summarize_folds(
+        [{k: v for k, v in r.items() if k not in ("repeat", "fold")} for r in fold_rows]
+    )
+    oof = OOFPredictions(
+        ids=[i for part in oof_parts for i in part["ids"]],
+        indices=np.concatenate([np.asarray(p["indices"], dtype=np.int64) for p in oof_parts]),
+        probabilities=np.concatenate(
+            [np.asarray(p["probabilities"], dtype=np.float32).reshape(len(p["ids"]), -1) for p in oof_parts]
+        ),
+        labels=np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in oof_parts]),
+        fold=np.concatenate([np.full(len(p["ids"]), p["fold"], dtype=np.int64) for p in oof_parts]),
+        repeat=np.concatenate([np.full(len(p["ids"]), p["repeat"], dtype=np.int64) for p in oof_parts]),
+    )
+    return CVResult(folds=fold_rows, summary=summary, oof=oof, models=models, histories=histories)
+
+
+def _run_fold(
+    fold: Fold,
+    fold_seed: int,
+    build_model: Callable[[], nn.Module],
+    make_datasets: Callable[[Fold], tuple[Dataset[Bag], Dataset[Bag]]],
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    num_workers: int,
+    sampler: str | None,
+    drop_last: bool,
+    kwargs: dict[str, Any],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None,
+    build_scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+    fold_dir: Path | None,
+    callbacks_factory: Callable[[Fold], Sequence[Any]] | None,
+) -> tuple[dict[str, Any], nn.Module]:
+    torch.manual_seed(fold_seed)
+    model = build_model()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"cross_validate: build_model returned {type(model).__name__}, not an nn.Module")
+    datasets = make_datasets(fold)
+    if not isinstance(datasets, tuple) or len(datasets) != 2:
+        raise ConfigError("cross_validate: make_datasets must return a (train_ds, val_ds) tuple")
+    train_ds, val_ds = datasets
+    if len(val_ds) != len(fold.val):  # type: ignore[arg-type]
+        raise DataError(
+            f"cross_validate: make_datasets returned {len(val_ds)} validation items for fold "  # type: ignore[arg-type]
+            f"{fold.fold} of repeat {fold.repeat}, but the fold has {len(fold.val)} (use fold.val)"
+        )
+    train_loader = _train_loader(
+        train_ds, y[fold.train], sampler, batch_size, num_workers, fold_seed, drop_last=drop_last
+    )
+    val_loader = make_loader(val_ds, batch_size, shuffle=False, num_workers=num_workers)
+    trainer_args = dict(kwargs)
+    trainer_args.setdefault("seed", fold_seed)
+    optimizer = None if build_optimizer is None else build_optimizer(model)
+    trainer = Trainer(
+        model,
+        optimizer=optimizer,
+        output_dir=fold_dir,
+        callbacks=list(callbacks_factory(fold)) if callbacks_factory is not None else (),
+        **trainer_args,
+    )
+    if build_scheduler is not None:
+        trainer.scheduler = build_scheduler(trainer.optimizer)
+    resume = None
+    if fold_dir is not None and (fold_dir / "checkpoints" / "last" / "checkpoint.json").is_file():
+        resume = fold_dir / "checkpoints" / "last"
+        logger.info("cross_validate: fold %d of repeat %d resumes from %s", fold.fold, fold.repeat, resume)
+    history = trainer.fit(train_loader, val_loader, resume_from=resume)
+    if trainer.best_epoch > 0:
+        trainer.load_best()
+    else:
+        logger.warning(
+            "cross_validate: fold %d of repeat %d never improved %s; keeping the last weights",
+            fold.fold,
+            fold.repeat,
+            trainer.monitor,
+        )
+    metrics = trainer.evaluate(val_loader)
+    preds = trainer.predict(val_loader)
+    if len(preds.ids) != len(fold.val):
+        raise DataError(
+            f"cross_validate: got {len(preds.ids)} validation predictions for {len(fold.val)} samples"
+        )
+    record = {
+        "version": _RESULT_VERSION,
+        "repeat": fold.repeat,
+        "fold": fold.fold,
+        "train": fold.train.tolist(),
+        "val": fold.val.tolist(),
+        "best_epoch": trainer.best_epoch,
+        "metrics": {k: _json_float(v) for k, v in metrics.items()},
+        "history": [{k: _json_float(v) for k, v in row.items()} for row in history],
+        "oof": {
+            "ids": list(preds.ids),
+            "indices": fold.val.tolist(),
+            "probabilities": preds.probabilities.tolist(),
+            "labels": preds.labels.tolist(),
+        },
+    }
+    model.cpu().eval()
+    if fold_dir is not None and is_main_process():
+        _write_finished(fold_dir, model, record)
+    return record, model

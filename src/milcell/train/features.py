@@ -1,0 +1,494 @@
+"""Frozen-backbone feature cache: embed every cell once, train heads on the features.
+
+When the backbone is frozen (``trainable="head"``, as in the 2024
+lymphocytosis report's best model), its outputs never change, so
+:func:`extract_features` runs it once over every instance of a dataset and
+returns a :class:`~milcell.data.FeatureBagDataset`. A head model
+(``create_mil_model(backbone=None, feature_dim=D, ...)``) then trains on the
+features through the same collate and pooling, for as many folds and epochs
+as wanted, at the cost of about one backbone pass over the images.
+
+The cache
+---------
+``cache_dir`` holds ``features.safetensors`` and ``manifest.json``. The
+manifest records the cache *key*: the backbone's name, a SHA-256 of its
+state-dict tensors, the preprocessing (the dataset's ``transform`` repr, the
+backbone's ``data_config``, the instance cap), the precision, and the list of
+``(bag id, file names)``. It is written last, atomically, after the features
+file (itself written to a temporary name and renamed). A later call reuses
+the cache when the manifest is readable, its key equals the current key and
+the features file has the recorded size and loads; otherwise it logs why on
+the ``"milcell"`` logger and rebuilds. Labels and clinical attributes are not
+part of the key: they are taken from the dataset on every call.
+
+Clinical attributes and folds
+-----------------------------
+The returned dataset carries ``dataset.clinical`` as it is. Build the image
+dataset *without* a clinical scaler, so the cache holds raw values, and scale
+per fold in ``make_datasets`` with a scaler fitted on the training rows
+(:func:`~milcell.train.crossval.feature_subset` does it).
+
+What invalidates the cache
+--------------------------
+Images changed in place under the same file names are not detected (pass
+``key_extra``, e.g. a data version, or delete the cache). A transform without
+a stable ``repr`` (a lambda) gives a key that changes every run. Random
+augmentation would be frozen into the features: use the evaluation transform.
+
+Examples
+--------
+>>> import tempfile, torch
+>>> from milcell.data import Bag
+>>> bags = [Bag(torch.rand(3, 3, 8, 8), label=i % 2, id=f"P{i}") for i in range(4)]
+>>> net = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(192, 5))
+>>> cache = tempfile.mkdtemp()
+>>> ds = extract_features(net, bags, cache, progress=False)
+>>> ds.ids, ds[0].instances.shape, ds.labels.tolist()
+(['P0', 'P1', 'P2', 'P3'], torch.Size([3, 5]), [0, 1, 0, 1])
+>>> torch.equal(extract_features(net, bags, cache, progress=False)[0].instances, ds[0].instances)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from milcell._utils import atomic_path
+from milcell.data.bag import Bag, BagBatch, collate_bags
+from milcell.data.datasets import BagDataset, FeatureBagDataset, InstanceDataset, select_instances
+from milcell.exceptions import CacheError, ConfigError, DataError, ShapeError
+
+__all__ = ["FEATURES_NAME", "MANIFEST_NAME", "cache_key", "extract_features", "state_dict_hash"]
+
+logger = logging.getLogger("milcell")
+
+FEATURES_NAME = "features.safetensors"
+MANIFEST_NAME = "manifest.json"
+_CACHE_VERSION = 1
+_PRECISIONS = {"32": None, "bf16": torch.bfloat16}
+
+
+def state_dict_hash(module: nn.Module) -> str:
+    """SHA-256 over a module's state-dict tensors (names, dtypes, shapes and bytes).
+
+    Parameters
+    ----------
+    module : nn.Module
+
+    Returns
+    -------
+    str
+        64 hexadecimal characters; equal for modules with equal weights and buffers.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    >>> state_dict_hash(a) == state_dict_hash(a), state_dict_hash(a) == state_dict_hash(b)
+    (True, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return repr(obj)
+
+
+def _items(dataset: Dataset[Bag]) -> tuple[list[str], list[list[str]], bool]:
+    """Bag ids and instance (file) names, without reading images where the dataset allows it.
+
+    Returns the ids, the names per bag, and whether the listing came from records.
+    """
+    if isinstance(dataset, BagDataset):
+        if dataset.max_instances is not None and dataset.train:
+            raise ConfigError(
+                "extract_features: the BagDataset draws random instance subsets (train=True with "
+                "max_instances); use train=False (deterministic subsets) or max_instances=None"
+            )
+        ids, names = [], []
+        for i, record in enumerate(dataset.cohort):
+            keep = select_instances(record.num_instances, dataset.max_instances, train=False, index=i)
+            ids.append(record.id)
+            names.append([record.paths[int(k)].name for k in keep])
+        return ids, names, True
+    if isinstance(dataset, InstanceDataset):
+        ids = [r.id for r in dataset.cells]
+        names = [[f"{r.patient}/{r.path.name}"] for r in dataset.cells]
+        return ids, names, True
+    ids, names = [], []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        bag = dataset[i]
+        ids.append(bag.id or str(i))
+        names.append(list(bag.instance_names) if bag.instance_names else [f"#{j}" for j in range(len(bag))])
+    return ids, names, False
+
+
+def _preprocessing(backbone: nn.Module, dataset: Dataset[Bag]) -> dict[str, Any]:
+    transform = getattr(dataset, "transform", None)
+    text = repr(transform) if transform is not None else None
+    if text is not None and "Random" in text:
+        logger.warning(
+            "extract_features: the dataset's transform looks random (%s...); its augmentation is frozen "
+            "into the cached features: use the evaluation transform",
+            text[:80],
+        )
+    if text is not None and " at 0x" in text:
+        logger.warning(
+            "extract_features: the transform's repr holds a memory address (%s); the cache key will "
+            "change from run to run",
+            text[:80],
+        )
+    return {
+        "dataset": type(dataset).__name__,
+        "transform": text,
+        "max_instances": getattr(dataset, "max_instances", None),
+        "apply_mask": getattr(dataset, "apply_mask", None),
+        "data_config": _jsonable(getattr(backbone, "data_config", None)),
+    }
+
+
+def cache_key(
+    backbone: nn.Module,
+    dataset: Dataset[Bag],
+    precision: str = "32",
+    key_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The key a cache of ``backbone`` features of ``dataset`` is stored under.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        The feature extractor (its ``name`` attribute, else its class name).
+    dataset : Dataset of Bag
+        :class:`~milcell.data.BagDataset` and :class:`~milcell.data.InstanceDataset`
+        are listed from their records; another dataset is read once (images
+        loaded, no backbone call) to list its bag ids and instance names.
+    precision : {"32", "bf16"}, default "32"
+    key_extra : mapping, optional
+        Extra JSON-serialisable entries (e.g. a data version).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``backbone``, ``weights`` (:func:`state_dict_hash`),
+        ``preprocessing``, ``precision``, ``items`` (``[id, [names]]`` per bag), ``extra``.
+
+    Raises
+    ------
+    ConfigError
+        A dataset drawing random instance subsets.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from milcell.data import Bag
+    >>> key = cache_key(torch.nn.Flatten(1), [Bag(torch.rand(2, 4), id="P1")])
+    >>> key["backbone"], key["items"]
+    ('Flatten', [['P1', ['#0', '#1']]])
+    """
+    ids, names, _ = _items(dataset)
+    key = {
+        "version": _CACHE_VERSION,
+        "backbone": str(getattr(backbone, "name", type(backbone).__name__)),
+        "weights": state_dict_hash(backbone),
+        "preprocessing": _preprocessing(backbone, dataset),
+        "precision": str(precision),
+        "items": [[i, n] for i, n in zip(ids, names, strict=True)],
+        "extra": dict(key_extra or {}),
+    }
+    try:
+        return json.loads(json.dumps(key))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cache_key: key_extra must be JSON-serialisable: {exc}") from exc
+
+
+def _digest(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> FeatureBagDataset | None:
+    """The cached features if the cache is complete and matches ``key``; else None (reason logged)."""
+    manifest_path = cache_dir / MANIFEST_NAME
+    features_path = cache_dir / FEATURES_NAME
+    if not manifest_path.is_file():
+        if features_path.exists():
+            logger.warning(
+                "feature cache %s: no manifest (interrupted while writing?); rebuilding", cache_dir
+            )
+        else:
+            logger.info("feature cache %s: empty; building", cache_dir)
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        saved_key, digest, size = manifest["key"], manifest["digest"], int(manifest["size"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("feature cache %s: unreadable manifest (%s); rebuilding", cache_dir, exc)
+        return None
+    if not isinstance(saved_key, dict) or digest != _digest(key) or saved_key != key:
+        saved = saved_key if isinstance(saved_key, dict) else {}
+        differ = sorted(k for k in set(key) | set(saved) if saved.get(k) != key.get(k))
+        logger.warning("feature cache %s: key mismatch in %s; rebuilding", cache_dir, differ or ["digest"])
+        return None
+    if not features_path.is_file() or features_path.stat().st_size != size:
+        found = features_path.stat().st_size if features_path.is_file() else "no file"
+        logger.warning(
+            "feature cache %s: %s has size %s, the manifest says %d (truncated?); rebuilding",
+            cache_dir,
+            FEATURES_NAME,
+            found,
+            size,
+        )
+        return None
+    try:
+        cached = FeatureBagDataset.from_safetensors(features_path)
+    except DataError as exc:
+        logger.warning("feature cache %s: unreadable features (%s); rebuilding", cache_dir, exc)
+        return None
+    expected_ids = [item[0] for item in key["items"]]
+    if cached.ids != expected_ids:
+        logger.warning("feature cache %s: bag ids differ from the manifest; rebuilding", cache_dir)
+        return None
+    logger.info("feature cache %s: reused (%d bags, D=%d)", cache_dir, len(cached), cached.dim)
+    return cached
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    dtype = _PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("extract_features: bf16 is not supported on %s; running in float32", device)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _embed(
+    backbone: nn.Module,
+    dataset: Dataset[Bag],
+    batch_size: int,
+    chunk_size: int,
+    precision: str,
+    device: torch.device,
+    progress: bool,
+    num_workers: int,
+) -> tuple[list[Tensor], list[str], list[tuple[str, ...]] | None]:
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_bags, num_workers=num_workers
+    )
+    features: list[Tensor] = []
+    ids: list[str] = []
+    names: list[tuple[str, ...]] | None = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="extracting features", disable=not progress, dynamic_ncols=True):
+            if not isinstance(batch, BagBatch):  # pragma: no cover - collate_bags always gives BagBatch
+                raise DataError("extract_features: the dataset must yield Bag objects")
+            x = batch.instances
+            if x.ndim != 4:
+                raise ShapeError(
+                    f"extract_features: instances must be images (T, C, H, W), got {tuple(x.shape)} "
+                    f"in bags {batch.ids[:3]}"
+                )
+            outs = []
+            for chunk in x.split(chunk_size):
+                with _autocast(device, precision):
+                    out = backbone(chunk.to(device, non_blocking=device.type == "cuda"))
+                if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != chunk.shape[0]:
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ShapeError(
+                        f"extract_features: the backbone must return (n, D) features, got {shape}"
+                    )
+                outs.append(out.float().cpu())
+            packed = torch.cat(outs)
+            features.extend(part.clone() for part in batch.split(packed))
+            ids.extend(batch.ids)
+            if names is not None and batch.instance_names is not None:
+                names.extend(batch.instance_names)
+            else:
+                names = None
+    return features, ids, names
+
+
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset[Bag],
+    cache_dir: str | os.PathLike[str] | None,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    precision: str = "32",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    num_workers: int = 0,
+    key_extra: Mapping[str, Any] | None = None,
+) -> FeatureBagDataset:
+    """Embed every instance of ``dataset`` once with a frozen ``backbone``, with an on-disk cache.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Maps images ``(n, C, H, W)`` to features ``(n, D)``, e.g. a
+        :class:`~milcell.nn.backbones.Backbone`. Run in eval mode under
+        ``torch.inference_mode``; its train/eval mode and device are restored.
+    dataset : Dataset of Bag
+        Image bags ``(N_i, C, H, W)``: a :class:`~milcell.data.BagDataset`
+        (with the *evaluation* transform, ``max_instances=None`` or
+        ``train=False``, and no clinical scaler), an
+        :class:`~milcell.data.InstanceDataset` (cells as bags of one), or
+        any map-style dataset of bags with unique ids.
+    cache_dir : path-like or None
+        Folder of the cache (created). ``None``: no cache, always embed.
+    batch_size : int, default 8
+        Bags per DataLoader batch.
+    chunk_size : int, default 256
+        Instances per backbone call (bounds memory for large bags).
+    precision : {"32", "bf16"}, default "32"
+        ``"bf16"`` runs the backbone under :func:`torch.autocast` (where the
+        device supports it); features are stored as float32.
+    device : str or torch.device, optional
+        Where the backbone runs; default its current device.
+    progress : bool, default True
+        Show a tqdm bar over the batches.
+    num_workers : int, default 0
+        DataLoader workers reading the images.
+    key_extra : mapping, optional
+        Extra entries of the cache key (see :func:`cache_key`).
+
+    Returns
+    -------
+    FeatureBagDataset
+        One ``(N_i, D)`` matrix per bag, in the dataset's order, with the
+        dataset's labels, ids, instance names, and clinical attributes (as
+        the dataset holds them) and ``metadata`` ``{"backbone", "cache_key"}``.
+
+    Raises
+    ------
+    ConfigError
+        Bad arguments, or a dataset drawing random instance subsets.
+    ShapeError
+        Non-image instances or a backbone that does not return ``(n, D)``.
+    CacheError
+        If the cache folder cannot be written.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from milcell.data import Bag
+    >>> extract_features(torch.nn.Flatten(1), [Bag(torch.rand(2, 3, 4, 4))], None, precision="16")
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.ConfigError: extract_features: precision must be '32' or 'bf16', got '16'
+    """
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError(f"extract_features: backbone must be an nn.Module, got {type(backbone).__name__}")
+    precision = str(precision)
+    if precision not in _PRECISIONS:
+        raise ConfigError(f"extract_features: precision must be '32' or 'bf16', got {precision!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"extract_features: {name} must be an int >= {low}, got {value!r}")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("extract_features: the dataset is empty")
+    key = cache_key(backbone, dataset, precision, key_extra)
+    digest = _digest(key)
+    directory = None if cache_dir is None else Path(cache_dir)
+    cached = None if directory is None else _load_valid(directory, key)
+    if cached is not None:
+        features, names_out = cached.features, cached.instance_names
+    else:
+        first = next(iter(backbone.parameters()), None)
+        original = first.device if first is not None else torch.device("cpu")
+        target = torch.device(device) if device is not None else original
+        was_training = backbone.training
+        backbone.to(target).eval()
+        try:
+            features, ids, names_out = _embed(
+                backbone, dataset, batch_size, chunk_size, precision, target, progress, num_workers
+            )
+        finally:
+            backbone.to(original).train(was_training)
+        expected = [item[0] for item in key["items"]]
+        if ids != expected:
+            raise DataError(
+                f"extract_features: the dataset yielded bags {ids[:3]}... but lists {expected[:3]}...; "
+                "bag ids must be unique and stable"
+            )
+        if directory is not None:
+            _write_cache(directory, key, digest, features, ids, names_out, backbone)
+    labels = getattr(dataset, "labels", None)
+    ids_out = [item[0] for item in key["items"]]
+    if labels is None:
+        labels = [dataset[i].label for i in range(len(dataset))]  # type: ignore[arg-type]
+    clinical = getattr(dataset, "clinical", None)
+    clinical_names: Sequence[str] = ()
+    if isinstance(dataset, BagDataset) and clinical is not None:
+        clinical_names = dataset.cohort.clinical_names
+    return FeatureBagDataset(
+        features,
+        np.asarray(labels, dtype=np.int64),
+        ids_out,
+        clinical if isinstance(clinical, Tensor) else None,
+        clinical_names=clinical_names,
+        instance_names=names_out,
+        metadata={"backbone": key["backbone"], "cache_key": digest},
+    )
+
+
+def _write_cache(
+    directory: Path,
+    key: Mapping[str, Any],
+    digest: str,
+    features: list[Tensor],
+    ids: list[str],
+    names: list[tuple[str, ...]] | None,
+    backbone: nn.Module,
+) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Remove the manifest first: until the new one is written the cache reads as incomplete.
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        store = FeatureBagDataset(
+            features,
+            None,
+            ids,
+            instance_names=names,
+            metadata={"backbone": key["backbone"], "cache_key": digest},
+        )
+        path = store.save_safetensors(directory / FEATURES_NAME)
+        manifest = {"key": key, "digest": digest, "size": path.stat().st_size, "bags": len(ids)}
+        with atomic_path(directory / MANIFEST_NAME) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise CacheError(f"feature cache {directory}: cannot write: {exc}") from exc
+    logger.info(
+        "feature cache %s: wrote %d bags (%s, D=%d)",
+        directory,
+        len(ids),
+        getattr(backbone, "name", type(backbone).__name__),
+        int(features[0].shape[1]),
+    )

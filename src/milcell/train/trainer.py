@@ -1,0 +1,879 @@
+"""A minimal, explicit training loop for MIL models.
+
+:class:`Trainer` runs epochs of ``forward -> model.loss -> backward -> step``
+over :class:`~milcell.data.BagBatch` batches, evaluates with the clinical
+metrics of :mod:`milcell.metrics`, keeps the best checkpoint of a monitored
+metric, stops early, writes ``metrics.csv`` and resumes interrupted runs
+exactly. It is launched unchanged under ``torchrun`` for data-parallel
+training. It is a loop, not a framework: read :meth:`Trainer.fit` to see
+everything it does.
+
+Examples
+--------
+>>> import torch
+>>> from milcell.data import Bag
+>>> from milcell.train.distributed import make_loader
+>>> class MeanMIL(torch.nn.Module):  # follows the MILModelLike protocol
+...     def __init__(self):
+...         super().__init__()
+...         self.head = torch.nn.Linear(4, 2)
+...     def forward(self, batch):
+...         pooled = batch.pad(batch.instances).sum(1) / batch.bag_sizes[:, None]
+...         return MILOutput(self.head(pooled))
+...     def loss(self, output, batch, class_weights=None):
+...         return torch.nn.functional.cross_entropy(output.logits, batch.labels, ignore_index=-1)
+>>> from typing import NamedTuple
+>>> class MILOutput(NamedTuple):
+...     logits: torch.Tensor
+...     attention: torch.Tensor | None = None
+>>> bags = [Bag(torch.randn(3, 4) + i % 2, label=i % 2, id=f"P{i}") for i in range(8)]
+>>> trainer = Trainer(MeanMIL(), max_epochs=2, lr=0.05, progress=False)
+>>> history = trainer.fit(make_loader(bags, 4, shuffle=True), make_loader(bags, 4, shuffle=False))
+>>> [row["epoch"] for row in history], "val_balanced_accuracy" in history[-1]
+([1, 2], True)
+>>> trainer.predict(make_loader(bags, 4, shuffle=False)).probabilities.shape
+torch.Size([8, 2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from milcell._utils import atomic_path
+from milcell.data.bag import BagBatch
+from milcell.exceptions import CheckpointError, ConfigError, DataError
+from milcell.metrics import binary_report, multiclass_report
+from milcell.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
+from milcell.train.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    launched_distributed,
+)
+
+__all__ = ["MILModelLike", "MILOutputLike", "Predictions", "Trainer", "write_history_csv"]
+
+logger = logging.getLogger("milcell")
+
+_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@runtime_checkable
+class MILOutputLike(Protocol):
+    """What a model returns: ``logits (B, C)`` and ``attention (B, N_max)`` or None."""
+
+    logits: Tensor
+    attention: Tensor | None
+
+
+@runtime_checkable
+class MILModelLike(Protocol):
+    """The protocol the trainer drives (an :class:`torch.nn.Module` with a ``loss``).
+
+    ``model(batch)`` maps a :class:`~milcell.data.BagBatch` to an output with
+    ``logits (B, C)`` (``C >= 2`` class logits, or ``C = 1`` for a single
+    sigmoid logit) and ``attention (B, N_max)`` or ``None``.
+    ``model.loss(output, batch, class_weights=None)`` returns a scalar: the
+    *mean* over the labelled bags of the batch (bags labelled ``-1`` are
+    ignored). An optional ``config`` dict is saved beside the weights.
+    :class:`milcell.nn.model.MILModel` follows it.
+    """
+
+    def __call__(self, batch: BagBatch) -> MILOutputLike: ...
+
+    def loss(self, output: Any, batch: BagBatch, class_weights: Tensor | None = None) -> Tensor: ...
+
+
+class Predictions(NamedTuple):
+    """Per-bag predictions returned by :meth:`Trainer.predict` (a named tuple).
+
+    - ``ids``: list of ``n`` bag identifiers;
+    - ``probabilities``: ``(n, C)`` float32 class probabilities on the CPU;
+    - ``labels``: ``(n,)`` long labels (``-1`` = unlabelled);
+    - ``attention``: one ``(N_i,)`` tensor per bag holding the weights of its
+      real instances, or None when the model returns no attention.
+    """
+
+    ids: list[str]
+    probabilities: Tensor
+    labels: Tensor
+    attention: list[Tensor] | None
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    logits = logits.float()
+    if logits.ndim != 2:
+        raise DataError(f"model logits must have shape (B, C), got {tuple(logits.shape)}")
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1.0 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def _loader_generators(loader: Iterable[Any] | None) -> list[torch.Generator]:
+    """The distinct torch.Generators that drive a DataLoader's shuffling and worker seeds."""
+    if not isinstance(loader, DataLoader):
+        return []
+    found: list[torch.Generator] = []
+    candidates = [
+        loader.generator,
+        getattr(loader.sampler, "generator", None),
+        getattr(getattr(loader.batch_sampler, "sampler", None), "generator", None),
+    ]
+    for gen in candidates:
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def _distributed_sampler(loader: Iterable[Any]) -> DistributedSampler[Any] | None:
+    if not isinstance(loader, DataLoader):
+        return None
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
+class Trainer:
+    """Train, evaluate and predict with a MIL model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Follows :class:`MILModelLike`.
+    optimizer : torch.optim.Optimizer, optional
+        Any optimizer (build parameter groups with their own learning rates
+        yourself). Default: :class:`torch.optim.Adam` with ``lr`` over the
+        parameters that require gradients.
+    lr : float, default 1e-3
+        Learning rate of the default optimizer.
+    scheduler : optional
+        Any learning-rate scheduler over ``optimizer``.
+        :class:`~torch.optim.lr_scheduler.ReduceLROnPlateau` is stepped with
+        the monitored value at the end of each epoch.
+    scheduler_interval : {"epoch", "step"}, default "epoch"
+        Step the scheduler after every epoch or after every optimizer step.
+    max_epochs : int, default 10
+        Total number of epochs (a resumed run continues up to it).
+    device : str or torch.device, optional
+        Default: the model's device; under ``torchrun``, ``cuda:LOCAL_RANK``
+        when CUDA is available, else the CPU.
+    precision : {"32", "bf16", "fp16"}, default "32"
+        ``bf16`` / ``fp16`` run the forward pass and the loss under
+        :func:`torch.autocast` on the device type; ``fp16`` also uses a
+        :class:`torch.amp.GradScaler`.
+    channels_last : bool, default False
+        Convert the model and 4-D image instances ``(T, C, H, W)`` to the
+        channels-last memory format.
+    accumulate_grad_batches : int, default 1
+        Sum the gradients of this many batches per optimizer step (each
+        batch's loss is divided by the number of batches in its window).
+    gradient_clip_norm : float, optional
+        Clip the global gradient norm to this value before each step.
+    monitor : str, optional
+        Key of the epoch logs to select the best checkpoint and stop early
+        (``"val_balanced_accuracy"``, ``"val_auc"``, ``"val_loss"``,
+        ``"train_loss"``...). Default ``"val_loss"`` with a validation loader,
+        else ``"train_loss"``.
+    mode : {"max", "min"}, optional
+        Default ``"min"`` for names ending in ``loss``, else ``"max"``.
+    patience : int, optional
+        Stop after this many epochs without improvement (``None``: never).
+    min_delta : float, default 0.0
+        Smallest change that counts as an improvement.
+    output_dir : path-like, optional
+        Where ``metrics.csv`` and ``checkpoints/{last,best}`` are written
+        (by rank 0 only). ``None`` writes nothing and keeps the best weights
+        in memory.
+    callbacks : sequence, optional
+        Objects with ``on_batch_end(trainer, logs)`` and/or
+        ``on_epoch_end(trainer, logs)`` (see :mod:`milcell.train.callbacks`).
+    progress : bool, default True
+        Show a tqdm progress bar per epoch (rank 0 only).
+    class_weights : Tensor, optional
+        ``(C,)`` passed to ``model.loss``.
+    seed : int or None, default 0
+        At the start of epoch ``e`` the training loader's ``torch.Generator``
+        is reseeded with ``seed + e`` (and a ``DistributedSampler`` gets
+        ``set_epoch(e)``), so shuffling does not depend on how the run was
+        interrupted. ``None`` leaves the generators alone (their state is
+        still checkpointed).
+    restore_best : bool, default False
+        Load the best weights into the model at the end of :meth:`fit`.
+    threshold : float, default 0.5
+        Decision threshold of binary metrics.
+    class_names : sequence of str, optional
+        Names used in multiclass metric keys (``val_recall_<name>``).
+    distributed : bool or None, default None
+        Wrap the model in DistributedDataParallel; ``None`` decides from the
+        environment (``WORLD_SIZE > 1``, as set by ``torchrun``).
+    ddp_kwargs : mapping, optional
+        Extra arguments of :class:`~torch.nn.parallel.DistributedDataParallel`
+        (e.g. ``find_unused_parameters=True``).
+
+    Attributes
+    ----------
+    history : list of dict
+        One row of logs per epoch (what ``metrics.csv`` holds).
+    best_value, best_epoch : float, int
+        Best monitored value so far and its (1-based) epoch.
+    should_stop : bool
+        Set it from a callback to stop after the current epoch.
+
+    Raises
+    ------
+    ConfigError
+        For any invalid argument; the message names it.
+
+    Examples
+    --------
+    >>> Trainer(torch.nn.Linear(2, 2))
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.ConfigError: model must be an nn.Module with a loss(output, batch) method, got Linear
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-3,
+        scheduler: Any | None = None,
+        scheduler_interval: str = "epoch",
+        max_epochs: int = 10,
+        device: str | torch.device | None = None,
+        precision: str = "32",
+        channels_last: bool = False,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_norm: float | None = None,
+        monitor: str | None = None,
+        mode: str | None = None,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+        output_dir: str | os.PathLike[str] | None = None,
+        callbacks: Sequence[Any] = (),
+        progress: bool = True,
+        class_weights: Tensor | None = None,
+        seed: int | None = 0,
+        restore_best: bool = False,
+        threshold: float = 0.5,
+        class_names: Sequence[str] | None = None,
+        distributed: bool | None = None,
+        ddp_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
+            raise ConfigError(
+                f"model must be an nn.Module with a loss(output, batch) method, got {type(model).__name__}"
+            )
+        precision = str(precision)
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"precision must be one of '32', 'bf16', 'fp16', got {precision!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if (
+            isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            and scheduler_interval != "epoch"
+        ):
+            raise ConfigError("ReduceLROnPlateau needs scheduler_interval='epoch' (it steps on the monitor)")
+        for name, value, low in (
+            ("max_epochs", max_epochs, 1),
+            ("accumulate_grad_batches", accumulate_grad_batches, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+        ):
+            raise ConfigError(f"patience must be None or an integer >= 1, got {patience!r}")
+        if gradient_clip_norm is not None and not float(gradient_clip_norm) > 0:
+            raise ConfigError(f"gradient_clip_norm must be positive, got {gradient_clip_norm!r}")
+        if mode is not None and mode not in ("max", "min"):
+            raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
+        if float(min_delta) < 0:
+            raise ConfigError(f"min_delta must be >= 0, got {min_delta!r}")
+        if not 0.0 < float(threshold) < 1.0:
+            raise ConfigError(f"threshold must lie strictly between 0 and 1, got {threshold!r}")
+
+        self.distributed = launched_distributed() if distributed is None else bool(distributed)
+        if self.distributed:
+            dist_device = init_distributed()
+            device = dist_device if device is None else device
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.distributed:
+            # Inputs are moved by the trainer, so DDP is not asked to scatter them.
+            self._ddp = nn.parallel.DistributedDataParallel(model, **dict(ddp_kwargs or {}))
+
+        if optimizer is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ConfigError("the model has no trainable parameters and no optimizer was given")
+            optimizer = torch.optim.Adam(params, lr=lr)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.max_epochs = max_epochs
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_norm = None if gradient_clip_norm is None else float(gradient_clip_norm)
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.class_weights = None if class_weights is None else class_weights.to(self.device)
+        self.seed = seed
+        self.restore_best = restore_best
+        self.threshold = float(threshold)
+        self.class_names = None if class_names is None else list(class_names)
+
+        self.history: list[dict[str, float]] = []
+        self.best_value = math.nan
+        self.best_epoch = 0
+        self.epoch = 0
+        self.global_step = 0
+        self.should_stop = False
+        self._wait = 0
+        self._best_state: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0)."""
+        return is_main_process()
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """``output_dir / "checkpoints"`` or None."""
+        return None if self.output_dir is None else self.output_dir / "checkpoints"
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = _PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _to_device(self, batch: BagBatch) -> BagBatch:
+        if not isinstance(batch, BagBatch):
+            raise DataError(
+                f"the loader must yield BagBatch (use collate_fn=collate_bags), got {type(batch).__name__}"
+            )
+        moved = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        if self.channels_last and moved.instances.ndim == 4:
+            moved.instances = moved.instances.contiguous(memory_format=torch.channels_last)
+        return moved
+
+    @staticmethod
+    def _n_targets(batch: BagBatch) -> int:
+        """Bags that contribute to the loss: labelled ones, or all with soft labels."""
+        if batch.soft_labels is not None:
+            return len(batch)
+        return int((batch.labels >= 0).sum().item())
+
+    def _resolve_monitor(self, has_val: bool) -> None:
+        if self.monitor is None:
+            self.monitor = "val_loss" if has_val else "train_loss"
+        if self.monitor.startswith("val_") and not has_val:
+            raise ConfigError(f"monitor={self.monitor!r} needs a validation loader (val_loader is None)")
+        if self.mode is None:
+            self.mode = "min" if self.monitor.endswith("loss") else "max"
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if math.isnan(self.best_value):
+            return True
+        if self.mode == "max":
+            return value > self.best_value + self.min_delta
+        return value < self.best_value - self.min_delta
+
+    def _lrs(self) -> dict[str, float]:
+        out = {"lr": float(self.optimizer.param_groups[0]["lr"])}
+        for i, group in enumerate(self.optimizer.param_groups[1:], start=1):
+            out[f"lr_{i}"] = float(group["lr"])
+        return out
+
+    def _generators(
+        self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None
+    ) -> list[torch.Generator]:
+        gens = _loader_generators(train_loader)
+        gens += [g for g in _loader_generators(val_loader) if all(g is not h for h in gens)]
+        return gens
+
+    def _call(self, hook: str, logs: Mapping[str, float]) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, logs)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        train_loader: Iterable[BagBatch],
+        val_loader: Iterable[BagBatch] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train for ``max_epochs`` epochs (or until early stopping).
+
+        Each epoch: train over ``train_loader``, evaluate on ``val_loader``
+        (keys prefixed ``val_``), step an epoch scheduler, track the monitored
+        value, call ``on_epoch_end`` callbacks, then (rank 0, with
+        ``output_dir``) rewrite ``metrics.csv`` and save the ``last``
+        checkpoint, and ``best`` when the monitor improved.
+
+        Parameters
+        ----------
+        train_loader : iterable of BagBatch
+            Usually from :func:`~milcell.train.distributed.make_loader`.
+        val_loader : iterable of BagBatch, optional
+        resume_from : path-like, optional
+            A checkpoint directory (e.g. ``out/checkpoints/last``): weights,
+            optimizer, scheduler, scaler, history, early-stopping counters
+            and random states are restored and training continues at the
+            next epoch. On the CPU with a fixed seed the result is identical
+            to an uninterrupted run.
+
+        Returns
+        -------
+        list of dict
+            :attr:`history`, one row per epoch.
+
+        Raises
+        ------
+        ConfigError
+            If the monitored key is missing from the logs.
+        CheckpointError
+            If ``resume_from`` cannot be read.
+        """
+        self._resolve_monitor(val_loader is not None)
+        generators = self._generators(train_loader, val_loader)
+        start_epoch = 0
+        if resume_from is not None:
+            start_epoch = self._resume(Path(resume_from), generators)
+        self.should_stop = False
+        for epoch in range(start_epoch, self.max_epochs):
+            self.epoch = epoch + 1
+            self._prepare_epoch(train_loader, epoch)
+            lrs = self._lrs()
+            train_loss = self._train_epoch(train_loader)
+            logs: dict[str, float] = {"epoch": self.epoch, **lrs, "train_loss": train_loss}
+            if val_loader is not None:
+                logs.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
+            if self.monitor not in logs:
+                raise ConfigError(f"monitor {self.monitor!r} is not among the epoch logs: {sorted(logs)}")
+            value = float(logs[self.monitor])
+            if self.scheduler is not None and self.scheduler_interval == "epoch":
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(value)
+                else:
+                    self.scheduler.step()
+            improved = self._improved(value)
+            if improved:
+                self.best_value, self.best_epoch, self._wait = value, self.epoch, 0
+            else:
+                self._wait += 1
+            self.history.append(logs)
+            logger.info(
+                "epoch %d/%d: %s",
+                self.epoch,
+                self.max_epochs,
+                ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch"),
+            )
+            self._call("on_epoch_end", logs)
+            self._save_epoch(improved, generators)
+            if self.patience is not None and self._wait >= self.patience:
+                logger.info(
+                    "early stopping after epoch %d: %s did not improve for %d epochs (best %.4g at epoch %d)",
+                    self.epoch,
+                    self.monitor,
+                    self._wait,
+                    self.best_value,
+                    self.best_epoch,
+                )
+                break
+            if self.should_stop:
+                logger.info("training stopped by a callback after epoch %d", self.epoch)
+                break
+        if self.restore_best and self.best_epoch > 0:
+            self.load_best()
+        return self.history
+
+    def _prepare_epoch(self, loader: Iterable[Any], epoch: int) -> None:
+        sampler = _distributed_sampler(loader)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        if self.seed is not None:
+            for gen in _loader_generators(loader):
+                gen.manual_seed(self.seed + epoch)
+
+    def _train_epoch(self, loader: Iterable[BagBatch]) -> float:
+        model = self._ddp if self._ddp is not None else self.model
+        model.train()
+        accum = self.accumulate_grad_batches
+        try:
+            n_batches: int | None = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        world = get_world_size() if self.distributed else 1
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        pending = False
+        bar = tqdm(
+            loader,
+            total=n_batches,
+            desc=f"epoch {self.epoch}/{self.max_epochs}",
+            disable=not (self.progress and self.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i, raw in enumerate(bar):
+            batch = self._to_device(raw)
+            window_start = (i // accum) * accum
+            window = accum if n_batches is None else min(accum, n_batches - window_start)
+            is_step = i + 1 - window_start >= window
+            sync = contextlib.nullcontext() if (self._ddp is None or is_step) else self._ddp.no_sync()
+            with sync:
+                n_local = self._n_targets(batch)
+                with self._autocast():
+                    output = model(batch)
+                    # A batch of unlabelled bags only (possible with batch_size=1) has no loss.
+                    loss = (
+                        self.model.loss(output, batch, class_weights=self.class_weights)
+                        if n_local > 0
+                        else output.logits.sum() * 0.0
+                    )
+                factor = 1.0
+                if self.distributed:
+                    # DDP averages gradients over ranks; rescale each rank's mean loss so the
+                    # result is the mean over the *global* batch even when ranks hold
+                    # different numbers of labelled bags.
+                    n_global = float(all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item())
+                    factor = n_local * world / n_global if n_global > 0 else 0.0
+                # A batch without targets still joins the graph (DDP needs every rank to
+                # reduce), with a zero gradient.
+                objective = loss if n_local > 0 else output.logits.sum() * 0.0
+                self.scaler.scale(objective.float() * (factor / window)).backward()
+            pending = True
+            if n_local > 0:
+                loss_sum += float(loss.detach().float().item()) * n_local
+                count += n_local
+            if is_step:
+                self._optimizer_step()
+                pending = False
+            batch_logs = {
+                "epoch": float(self.epoch),
+                "batch": float(i),
+                "loss": float(loss.detach().float().item()) if n_local > 0 else math.nan,
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
+            }
+            if self.progress and self.is_main:
+                bar.set_postfix(loss=f"{batch_logs['loss']:.4f}")
+            self._call("on_batch_end", batch_logs)
+        if pending:
+            self._optimizer_step()
+        bar.close()
+        if self.distributed:
+            totals = all_reduce_sum(torch.stack([loss_sum, count]).to(self.device))
+            loss_sum, count = totals[0].cpu(), totals[1].cpu()
+        return float(loss_sum / count) if count > 0 else math.nan
+
+    def _optimizer_step(self) -> None:
+        if self.gradient_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "best_value": float(self.best_value),
+            "best_epoch": int(self.best_epoch),
+            "wait": int(self._wait),
+            "global_step": int(self.global_step),
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "history": [dict(row) for row in self.history],
+        }
+
+    def _save_epoch(self, improved: bool, generators: list[torch.Generator]) -> None:
+        if self.output_dir is None:
+            if improved:
+                self._best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            return
+        if not self.is_main:
+            return
+        self.write_csv(self.output_dir / "metrics.csv")
+        ckpt_dir = self.checkpoint_dir
+        assert ckpt_dir is not None
+        kwargs = {
+            "epoch": self.epoch,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler if self.scaler.is_enabled() else None,
+            "monitor": self.monitor,
+            "monitor_value": float(self.history[-1][self.monitor]),
+            "trainer_state": self._trainer_state(),
+            "rng_state": capture_rng_state(generators),
+        }
+        save_checkpoint(ckpt_dir / "last", self.model, **kwargs)
+        if improved:
+            save_checkpoint(ckpt_dir / "best", self.model, **kwargs)
+
+    def write_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write :attr:`history` to ``path`` with :func:`write_history_csv`."""
+        write_history_csv(self.history, path)
+
+    def _resume(self, path: Path, generators: list[torch.Generator]) -> int:
+        ckpt = load_checkpoint(
+            path,
+            self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler if self.scaler.is_enabled() else None,
+            map_location="cpu",
+        )
+        state = ckpt.state.get("trainer") or {}
+        self.best_value = float(state.get("best_value", math.nan))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self._wait = int(state.get("wait", 0))
+        self.global_step = int(state.get("global_step", 0))
+        self.history = [dict(row) for row in state.get("history", [])]
+        saved_monitor = state.get("monitor")
+        if saved_monitor is not None and saved_monitor != self.monitor:
+            logger.warning(
+                "resuming from %s which monitored %r; this run monitors %r", path, saved_monitor, self.monitor
+            )
+        if self.output_dir is None and self.best_epoch > 0:
+            best = path.parent / "best"
+            if best.is_dir():
+                fresh = copy.deepcopy(self.model)
+                load_weights(best, fresh)
+                self._best_state = {k: v.detach().cpu().clone() for k, v in fresh.state_dict().items()}
+        try:
+            restore_rng_state(ckpt.state["rng"], generators)
+        except CheckpointError as exc:
+            logger.warning("%s; DataLoader generators keep their current state", exc)
+            restore_rng_state(ckpt.state["rng"], [])
+        logger.info("resumed from %s after epoch %d", path, ckpt.epoch)
+        if ckpt.epoch >= self.max_epochs:
+            logger.info(
+                "checkpoint %s already reached max_epochs=%d; nothing to train", path, self.max_epochs
+            )
+        return ckpt.epoch
+
+    def load_best(self) -> nn.Module:
+        """Load the best weights seen so far into the model and return it.
+
+        Raises
+        ------
+        CheckpointError
+            If no epoch has improved the monitor yet.
+        """
+        if self.output_dir is not None:
+            best = self.output_dir / "checkpoints" / "best"
+            if not best.is_dir():
+                raise CheckpointError(f"no best checkpoint at {best} yet")
+            return load_weights(best, self.model)
+        if self._best_state is None:
+            raise CheckpointError("no best weights yet: the monitored value never improved")
+        self.model.load_state_dict(self._best_state)
+        return self.model
+
+    # ------------------------------------------------------------------ inference
+
+    def _inference(self, loader: Iterable[BagBatch], with_loss: bool) -> tuple[Predictions, float]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        ids: list[str] = []
+        probs: list[Tensor] = []
+        labels: list[Tensor] = []
+        attention: list[Tensor] | None = []
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        try:
+            with torch.inference_mode():
+                for raw in loader:
+                    batch = self._to_device(raw)
+                    with self._autocast():
+                        output = model(batch)
+                        loss = (
+                            self.model.loss(output, batch, class_weights=self.class_weights)
+                            if with_loss
+                            else None
+                        )
+                    n = self._n_targets(batch)
+                    if loss is not None and n > 0:
+                        loss_sum += float(loss.float().item()) * n
+                        count += n
+                    ids.extend(batch.ids)
+                    probs.append(_probabilities(output.logits).cpu())
+                    labels.append(batch.labels.cpu())
+                    att = getattr(output, "attention", None)
+                    if att is None or attention is None:
+                        attention = None
+                    else:
+                        att = att.float().cpu()
+                        sizes = batch.bag_sizes.tolist()
+                        attention.extend(att[j, : sizes[j]].clone() for j in range(len(sizes)))
+        finally:
+            model.train(was_training)
+        local = Predictions(
+            ids,
+            torch.cat(probs) if probs else torch.zeros(0, 0),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+            attention,
+        )
+        if self.distributed:
+            totals = all_reduce_sum(torch.stack([loss_sum, count]).to(self.device)).cpu()
+            loss_sum, count = totals[0], totals[1]
+            local = _merge_predictions(all_gather_objects(local))
+        return local, (float(loss_sum / count) if count > 0 else math.nan)
+
+    def predict(self, loader: Iterable[BagBatch]) -> Predictions:
+        """Predict every bag of ``loader`` (in eval mode, under ``torch.inference_mode``).
+
+        Under ``torchrun`` the predictions of all ranks are gathered (on every
+        rank), and bags repeated by the ``DistributedSampler`` are dropped by id.
+
+        Returns
+        -------
+        Predictions
+            ``(ids, probabilities (n, C), labels (n,), attention)``.
+        """
+        return self._inference(loader, with_loss=False)[0]
+
+    def evaluate(self, loader: Iterable[BagBatch]) -> dict[str, float]:
+        """Loss and metrics over ``loader``.
+
+        Binary problems get :func:`~milcell.metrics.binary_report` (positive
+        class 1, ``threshold``), others
+        :func:`~milcell.metrics.multiclass_report`.
+
+        Returns
+        -------
+        dict of str to float
+            ``loss`` (mean over labelled bags) plus the report's
+            :meth:`as_dict` (``balanced_accuracy``, ``auc``, ``kappa``,
+            ``n_unlabelled``...). Without any labelled bag only ``loss``
+            (nan), ``n_samples`` and ``n_unlabelled`` are returned.
+        """
+        preds, loss = self._inference(loader, with_loss=True)
+        labels = preds.labels.numpy()
+        out: dict[str, float] = {"loss": loss}
+        if (labels >= 0).sum() == 0:
+            logger.warning("evaluate: no labelled bag among %d; only the loss is reported", len(labels))
+            out.update(n_samples=0.0, n_unlabelled=float(len(labels)))
+            return out
+        prob = preds.probabilities.numpy()
+        if prob.shape[1] == 2:
+            report = binary_report(labels, prob[:, 1], threshold=self.threshold)
+        else:
+            report = multiclass_report(labels, prob, class_names=self.class_names)
+        out.update(report.as_dict())
+        return out
+
+
+def _merge_predictions(parts: Sequence[Predictions]) -> Predictions:
+    """Concatenate per-rank predictions, keeping the first occurrence of each bag id."""
+    if any(bag_id == "" for part in parts for bag_id in part.ids):
+        raise DataError("bags need non-empty ids to gather predictions across ranks (Bag(id=...))")
+    seen: set[str] = set()
+    ids: list[str] = []
+    rows: list[Tensor] = []
+    labels: list[Tensor] = []
+    attention: list[Tensor] | None = [] if all(p.attention is not None for p in parts) else None
+    for part in parts:
+        for j, bag_id in enumerate(part.ids):
+            if bag_id in seen:
+                continue
+            seen.add(bag_id)
+            ids.append(bag_id)
+            rows.append(part.probabilities[j])
+            labels.append(part.labels[j])
+            if attention is not None and part.attention is not None:
+                attention.append(part.attention[j])
+    dropped = sum(len(p.ids) for p in parts) - len(ids)
+    if dropped:
+        logger.debug("dropped %d duplicate bags padded in by the DistributedSampler", dropped)
+    return Predictions(
+        ids,
+        torch.stack(rows) if rows else torch.zeros(0, 0),
+        torch.stack(labels) if labels else torch.zeros(0, dtype=torch.long),
+        attention,
+    )
+
+
+def write_history_csv(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
+    """Write epoch logs as CSV, atomically; columns in first-seen order.
+
+    Parameters
+    ----------
+    history : sequence of mapping
+        One row per epoch (``epoch, lr, train_loss, val_*``...); a key missing
+        from a row is written as an empty cell.
+    path : path-like
+        Destination (parent folders are created).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> rows = [{"epoch": 1, "lr": 0.1, "train_loss": 0.5}, {"epoch": 2, "lr": 0.1, "val_auc": 0.75}]
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     write_history_csv(rows, f"{tmp}/metrics.csv")
+    ...     print(open(f"{tmp}/metrics.csv").read().strip())
+    epoch,lr,train_loss,val_auc
+    1,0.1,0.5,
+    2,0.1,,0.75
+    """
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(history)

@@ -1,0 +1,136 @@
+"""Tests for milcell.data.samplers: class-balanced sampling and minority oversampling."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from milcell.data import collate_bags
+from milcell.data.datasets import FeatureBagDataset
+from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler
+from milcell.exceptions import ConfigError, DataError
+
+
+def test_class_balanced_equalises_classes_and_skips_unlabelled() -> None:
+    labels = np.array([0] * 80 + [1] * 15 + [2] * 5 + [-1] * 10)
+    sampler = ClassBalancedSampler(labels, num_samples=6000, seed=0)
+    drawn = np.array(list(sampler))
+    assert len(drawn) == 6000 == len(sampler)
+    assert (labels[drawn] >= 0).all()
+    shares = np.bincount(labels[drawn], minlength=3) / drawn.size
+    np.testing.assert_allclose(shares, [1 / 3] * 3, atol=0.04)
+    assert len(ClassBalancedSampler(labels)) == 100  # labelled samples by default
+
+
+def test_class_balanced_epochs_seeded() -> None:
+    labels = [0] * 20 + [1] * 5
+    a = ClassBalancedSampler(labels, seed=4)
+    first, second = list(a), list(a)  # epoch advances on each pass
+    assert first != second and a.epoch == 2
+    b = ClassBalancedSampler(labels, seed=4)
+    b.set_epoch(1)
+    assert list(b) == second
+    assert list(ClassBalancedSampler(labels, seed=5)) != first
+
+
+def test_class_balanced_without_replacement_is_a_permutation_subset() -> None:
+    labels = [0] * 6 + [1] * 4
+    drawn = list(ClassBalancedSampler(labels, num_samples=10, replacement=False))
+    assert sorted(drawn) == list(range(10))
+
+
+def test_oversampler_to_majority() -> None:
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [-1] * 2)
+    sampler = MinorityOversampler(labels, seed=1)
+    assert sampler.class_counts == {0: (10, 10), 1: (3, 10), 2: (7, 10)}
+    drawn = list(sampler)
+    assert len(drawn) == len(sampler) == 30
+    counts = Counter(labels[drawn].tolist())
+    assert counts == {0: 10, 1: 10, 2: 10}
+    per_index = Counter(drawn)
+    assert all(per_index[i] in (3, 4) for i in range(10, 13))  # whole copies then a remainder
+    assert all(per_index[i] == 1 for i in range(10))
+    assert 20 not in per_index and 21 not in per_index
+
+
+def test_oversampler_factor_like_hem_doubling() -> None:
+    labels = [1] * 20 + [0] * 9  # ALL = 1 majority, HEM = 0 minority
+    sampler = MinorityOversampler(labels, factor=2.0)
+    assert sampler.class_counts == {0: (9, 18), 1: (20, 20)}
+    drawn = list(sampler)
+    assert Counter(drawn)[25] == 2 and Counter(drawn)[3] == 1
+    big = MinorityOversampler([1] * 10 + [0] * 9, factor=2.0)  # not capped at the majority
+    assert big.class_counts[0] == (9, 18)
+    assert MinorityOversampler([0, 0, 1], factor=1.5).class_counts[1] == (1, 2)
+
+
+def test_oversampler_shuffle_and_epochs() -> None:
+    labels = [0] * 7 + [1] * 3
+    ordered = list(MinorityOversampler(labels, shuffle=False, seed=0))
+    assert ordered[:7] == list(range(7))
+    s = MinorityOversampler(labels, seed=2)
+    e0, e1 = list(s), list(s)
+    assert e0 != e1 and sorted(e0) != list(range(14))
+    s.set_epoch(0)
+    assert list(s) == e0
+
+
+@given(
+    counts=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    factor=st.one_of(st.none(), st.floats(1.0, 4.0)),
+    seed=st.integers(0, 10_000),
+)
+def test_oversampler_counts_property(counts: list[int], factor: float | None, seed: int) -> None:
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    sampler = MinorityOversampler(labels, factor=factor, seed=seed)
+    drawn = np.array(list(sampler))
+    got = np.bincount(labels[drawn], minlength=len(counts))
+    majority = max(counts)
+    for c, n in enumerate(counts):
+        if n == majority:
+            assert got[c] == n
+        elif factor is None:
+            assert got[c] == majority
+        else:
+            assert got[c] == round(factor * n)
+        per_index = np.bincount(drawn[labels[drawn] == c], minlength=labels.size)[labels == c]
+        assert per_index.max() - per_index.min() <= 1  # repeats spread evenly
+
+
+def test_samplers_in_dataloader_with_dataset_labels() -> None:
+    ds = FeatureBagDataset(
+        [torch.full((i % 3 + 1, 2), float(i)) for i in range(12)], labels=[0] * 9 + [1] * 3
+    )
+    for sampler in (ClassBalancedSampler(ds, seed=0), MinorityOversampler(ds, seed=0)):
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate_bags)
+        ids = [i for batch in loader for i in batch.ids]
+        assert len(ids) == len(sampler)
+
+
+def test_sampler_errors() -> None:
+    with pytest.raises(DataError, match="every sample is unlabelled"):
+        ClassBalancedSampler([-1, -1])
+    with pytest.raises(DataError, match="non-empty 1-D"):
+        MinorityOversampler([])
+    with pytest.raises(DataError, match="must be integers"):
+        MinorityOversampler([0.5, 1.0])
+    with pytest.raises(DataError, match=r"must be >= -1, got -4 at position 2"):
+        ClassBalancedSampler(torch.tensor([0, 1, -4]))
+    with pytest.raises(ConfigError, match="num_samples must be a positive int"):
+        ClassBalancedSampler([0, 1], num_samples=0)
+    with pytest.raises(ConfigError, match="num_samples=5 exceeds the 2 labelled samples"):
+        ClassBalancedSampler([0, 1, -1], num_samples=5, replacement=False)
+    with pytest.raises(ConfigError, match="seed must be a non-negative int"):
+        ClassBalancedSampler([0, 1], seed=-1)
+    with pytest.raises(ConfigError, match="factor must be None or a number >= 1"):
+        MinorityOversampler([0, 1], factor=0.5)
+    with pytest.raises(ConfigError, match="factor must be None or a number >= 1"):
+        MinorityOversampler([0, 1], factor=float("nan"))
+    with pytest.raises(ConfigError, match="epoch must be a non-negative int"):
+        MinorityOversampler([0, 1]).set_epoch(-1)

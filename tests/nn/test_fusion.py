@@ -1,0 +1,240 @@
+"""Tests of milcell.nn.fusion: shapes per head and input mode, gradients, validation, a gated-training run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from milcell.exceptions import ConfigError, DataError, ShapeError
+from milcell.nn.fusion import ClinicalMLP, FusionOutput, GatedFusion, create_fusion, list_fusions
+
+D, FC, C, B = 6, 3, 3, 4
+MODES = {"both": (True, True), "image": (True, False), "clinical": (False, True)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_registry() -> None:
+    assert list_fusions() == ["concat", "gated", "linear", "moe"]
+    with pytest.raises(ConfigError, match="unknown fusion 'mix'"):
+        create_fusion("mix", D, FC, C)
+    with pytest.raises(ConfigError, match="fusion 'concat' does not take"):
+        create_fusion("concat", D, FC, C, gate_hidden=(3,))
+
+
+@pytest.mark.parametrize("name", ["concat", "moe", "gated"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_shapes_per_mode(name: str, mode: str) -> None:
+    use_image, use_clinical = MODES[mode]
+    head = create_fusion(name, D, FC, C, use_image=use_image, use_clinical=use_clinical)
+    assert (head.use_image, head.use_clinical) == (use_image, use_clinical)
+    image = torch.randn(B, D) if use_image else None
+    clinical = torch.rand(B, FC) if use_clinical else None
+    out = head(image, clinical)
+    assert isinstance(out, FusionOutput) and out.logits.shape == (B, C)
+    assert torch.isfinite(out.logits).all()
+    if name == "concat":
+        assert out.experts == {}
+    else:
+        expected = ({"image"} if use_image else set()) | ({"clinical"} if use_clinical else set())
+        assert set(out.experts) == expected
+        assert all(v.shape == (B, C) for v in out.experts.values())
+    if name == "gated" and mode == "both":
+        assert out.gate is not None and out.gate.shape == (B, 1)
+        assert ((out.gate > 0) & (out.gate < 1)).all()
+        torch.testing.assert_close(out.logits.exp().sum(1), torch.ones(B))
+    else:
+        assert out.gate is None
+    # a switched-off input is ignored, whatever is passed
+    out2 = head(torch.randn(B, D) if use_image else None, torch.rand(B, FC) if use_clinical else None)
+    assert out2.logits.shape == (B, C)
+    if not use_clinical:
+        torch.testing.assert_close(head(image, torch.full((B, FC), float("nan"))).logits, out.logits)
+
+
+def test_linear_head_and_clinical_dim_zero() -> None:
+    head = create_fusion("linear", 512, 3, 2, hidden=(512,), dropout=0.1)
+    linears = [(m.in_features, m.out_features) for m in head.net if isinstance(m, torch.nn.Linear)]
+    assert linears == [(512, 512), (512, 2)]
+    assert not head.use_clinical
+    assert head(torch.randn(2, 512), None).logits.shape == (2, 2)
+    for name in ("concat", "moe", "gated"):
+        h = create_fusion(name, D, 0, C)
+        assert h.use_image and not h.use_clinical
+        assert h(torch.randn(B, D), None).logits.shape == (B, C)
+
+
+def test_clinical_mlp_and_moe_architecture() -> None:
+    mlp = ClinicalMLP(3)
+    assert [(m.in_features, m.out_features) for m in mlp.net if isinstance(m, torch.nn.Linear)] == [
+        (3, 10),
+        (10, 2),
+    ]
+    assert mlp(torch.rand(5, 3, dtype=torch.float64)).shape == (5, 2)
+    with pytest.raises(DataError, match="clinical holds NaN or inf in bag 0"):
+        mlp(torch.tensor([[float("inf"), 0.0, 0.0]]))
+    with pytest.raises(ShapeError, match=r"clinical must have shape \(B, 3\)"):
+        mlp(torch.rand(5, 4))
+    moe = create_fusion("moe", 512, 3, 2, image_hidden=(512,))
+    assert moe.combiner[0].in_features == 4 and moe.combiner[0].out_features == 10
+    assert moe.clinical_expert is not None and moe.clinical_expert.net[0].out_features == 10
+
+
+@pytest.mark.parametrize("name", ["moe", "gated"])
+def test_detach_experts_stops_gradients(name: str) -> None:
+    image, clinical, y = torch.randn(B, D), torch.rand(B, FC), torch.tensor([0, 1, 2, 0])
+    for detach in (True, False):
+        head = create_fusion(name, D, FC, C, detach_experts=detach)
+        out = head(image, clinical)
+        F.cross_entropy(out.logits, y).backward(retain_graph=True)
+        expert_grads = [p.grad for e in (head.image_expert, head.clinical_expert) for p in e.parameters()]
+        if detach:
+            assert all(g is None for g in expert_grads)
+        else:
+            assert all(g is not None and g.abs().sum() > 0 for g in expert_grads)
+        fuser = head.combiner if name == "moe" else head.gate
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fuser.parameters())
+        # the experts' own logits keep their graph, for auxiliary losses
+        head.zero_grad(set_to_none=True)
+        F.cross_entropy(out.experts["clinical"], y).backward()
+        assert all(p.grad is not None for p in head.clinical_expert.parameters())
+
+
+@pytest.mark.parametrize("name", ["linear", "concat", "moe", "gated"])
+def test_input_validation(name: str) -> None:
+    head = create_fusion(name, D, FC, C)
+    image, clinical = torch.randn(B, D), torch.rand(B, FC)
+    with pytest.raises(ShapeError, match="image is required"):
+        head(None, clinical)
+    with pytest.raises(ShapeError, match=rf"image must have shape \(B, {D}\)"):
+        head(torch.randn(B, D + 1), clinical)
+    with pytest.raises(ShapeError, match="image must be a floating-point"):
+        head(torch.ones(B, D, dtype=torch.long), clinical)
+    if name == "linear":
+        return
+    with pytest.raises(ShapeError, match="clinical is required .*use_clinical=False"):
+        head(image, None)
+    with pytest.raises(ShapeError, match=rf"clinical must have shape \(B, {FC}\)"):
+        head(image, torch.rand(B, FC + 2))
+    with pytest.raises(ShapeError, match=f"clinical has 2 rows but the batch has {B} bags"):
+        head(image, torch.rand(2, FC))
+    bad = clinical.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(DataError, match="clinical holds NaN or inf in bag 2"):
+        head(image, bad)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="has no input"):
+        create_fusion("concat", D, FC, C, use_image=False, use_clinical=False)
+    with pytest.raises(ConfigError, match="has no input"):
+        create_fusion("gated", D, 0, C, use_image=False)
+    with pytest.raises(ConfigError, match="num_classes must be >= 2"):
+        create_fusion("moe", D, FC, 1)
+    with pytest.raises(ConfigError, match=r"combiner_hidden\[0\] must be an integer"):
+        create_fusion("moe", D, FC, C, combiner_hidden=(0,))
+    with pytest.raises(ConfigError, match="LinearHead has no input"):
+        create_fusion("linear", 0, FC, C)
+
+
+def test_dtype_follows_inputs_and_autocast() -> None:
+    for name in ("concat", "moe", "gated"):
+        head = create_fusion(name, D, FC, C).double()
+        assert head(torch.randn(B, D, dtype=torch.float64), torch.rand(B, FC)).logits.shape == (B, C)
+        head = create_fusion(name, D, FC, C)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(torch.randn(B, D), torch.rand(B, FC))
+        assert torch.isfinite(out.logits).all()
+
+
+# ----------------------------------------------------------------------------- gated training
+
+
+def _flag_problem(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """clinical[:, 0] is a flag: 1 -> the image carries the label, 0 -> clinical[:, 1] carries it."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    flag = torch.randint(0, 2, (n,), generator=g).float()
+    sign = 2.0 * y - 1.0
+    image = torch.randn(n, 8, generator=g)
+    image[:, 0] += 3.0 * sign * flag
+    rest = torch.randn(n, 2, generator=g)
+    rest[:, 0] += 3.0 * sign * (1.0 - flag)
+    return image, torch.cat([flag[:, None], rest], dim=1), y, flag
+
+
+def _train(head: GatedFusion, data: tuple[torch.Tensor, ...], steps: int = 300) -> float:
+    """Adam on the mixture's cross-entropy plus auxiliary cross-entropy of each expert; final loss."""
+    image, clinical, y, _ = data
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = head(image, clinical)
+        loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(e, y) for e in out.experts.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def _accuracy(head: GatedFusion, data: tuple[torch.Tensor, ...]) -> tuple[float, torch.Tensor | None]:
+    head.eval()
+    with torch.no_grad():
+        out = head(data[0], data[1])
+    return float((out.logits.argmax(1) == data[2]).float().mean()), out.gate
+
+
+@pytest.mark.slow
+def test_gated_fusion_learns_to_follow_the_flag() -> None:
+    g = torch.Generator().manual_seed(0)
+    train, test = _flag_problem(512, g), _flag_problem(1024, g)
+    # two restarts of the gated model, keep the lower training loss (a standard guard against a bad start)
+    candidates = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        head = GatedFusion(8, 3, 2, detach_experts=True)
+        candidates.append((_train(head, train), head))
+    gated = min(candidates, key=lambda c: c[0])[1]
+    torch.manual_seed(0)
+    image_only = GatedFusion(8, 3, 2, use_clinical=False)
+    _train(image_only, train)
+    torch.manual_seed(0)
+    clinical_only = GatedFusion(8, 3, 2, use_image=False)
+    _train(clinical_only, train)
+
+    acc_gated, gate = _accuracy(gated, test)
+    acc_image, _ = _accuracy(image_only, test)
+    acc_clinical, _ = _accuracy(clinical_only, test)
+    # each single expert is right on its half only (about 0.75); the gated model routes (about 0.99)
+    assert acc_gated > max(acc_image, acc_clinical) + 0.15, (acc_gated, acc_image, acc_clinical)
+    assert gate is not None
+    flag = test[3].bool()
+    gate = gate.squeeze(1)
+    assert gate[flag].mean() > 0.8 and gate[~flag].mean() < 0.2, (gate[flag].mean(), gate[~flag].mean())
+
+
+def test_gated_fusion_trains_without_detach() -> None:
+    """Default settings, mixture loss only: the gated head still beats both single experts."""
+    g = torch.Generator().manual_seed(1)
+    train, test = _flag_problem(512, g), _flag_problem(1024, g)
+    torch.manual_seed(0)
+    gated = GatedFusion(8, 3, 2)
+    image, clinical, y, _ = train
+    opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = F.cross_entropy(gated(image, clinical).logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc, gate = _accuracy(gated, test)
+    assert acc > 0.9, acc
+    # where the image is uninformative the gate hands over to the clinical expert
+    assert gate is not None and gate.squeeze(1)[~test[3].bool()].mean() < 0.2

@@ -1,0 +1,344 @@
+"""The MIL model: composition, shapes, validation, config round trip and the loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from milcell.data.bag import Bag, BagBatch, collate_bags
+from milcell.exceptions import ConfigError, DataError, ShapeError
+from milcell.nn.fusion import create_fusion, list_fusions
+from milcell.nn.model import MILModel, MILOutput, create_mil_model, mil_loss
+from milcell.nn.pooling import create_pooling, list_poolings
+
+EMBEDDING_POOLINGS = ["mean", "max", "lse", "attention", "gated_attention", "conv"]
+FUSIONS = ["linear", "concat", "moe", "gated"]
+
+
+def _image_batch(sizes: tuple[int, ...] = (3, 1, 4), clinical_dim: int = 2, px: int = 32) -> BagBatch:
+    g = torch.Generator().manual_seed(0)
+    bags = [
+        Bag(
+            torch.rand(n, 3, px, px, generator=g),
+            label=i % 2,
+            clinical=torch.randn(clinical_dim, generator=g) if clinical_dim else None,
+            id=f"P{i}",
+        )
+        for i, n in enumerate(sizes)
+    ]
+    return collate_bags(bags)
+
+
+def _feature_batch(
+    sizes: tuple[int, ...] = (3, 1, 4), dim: int = 6, labels: tuple[int, ...] | None = None
+) -> BagBatch:
+    g = torch.Generator().manual_seed(1)
+    labels = labels or tuple(i % 2 for i in range(len(sizes)))
+    return collate_bags(
+        [
+            Bag(torch.randn(n, dim, generator=g), label=y, id=f"F{i}")
+            for i, (n, y) in enumerate(zip(sizes, labels, strict=True))
+        ]
+    )
+
+
+def test_the_expected_pooling_and_fusion_names_exist() -> None:
+    assert set(EMBEDDING_POOLINGS) | {"instance_mean"} <= set(list_poolings())
+    assert set(FUSIONS) <= set(list_fusions())
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("pooling", EMBEDDING_POOLINGS)
+def test_pooling_fusion_cross_product_on_mini_resnet(pooling: str, fusion: str) -> None:
+    clinical_dim = 0 if fusion == "linear" else 2
+    model = create_mil_model(
+        "milcell_mini_resnet_k8", pooling=pooling, fusion=fusion, clinical_dim=clinical_dim, chunk_size=4
+    ).eval()
+    batch = _image_batch(clinical_dim=clinical_dim)
+    out = model(batch)
+    assert isinstance(out, MILOutput)
+    assert out.logits.shape == (3, 2) and torch.isfinite(out.logits).all()
+    assert out.embedding.shape == (3, model.pooling.out_dim)
+    assert out.attention is not None and out.attention.shape == (3, 4)
+    assert torch.equal(out.attention[1, 1:], torch.zeros(3))  # padded positions get no weight
+    assert out.instance_logits is None
+    if fusion in ("moe", "gated"):
+        assert set(out.experts) == {"image", "clinical"}
+    if fusion == "gated":
+        assert out.gate is not None and out.gate.shape == (3, 1)
+    loss = mil_loss(out, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_prediction_level_pooling_with_clinical() -> None:
+    model = create_mil_model(
+        "milcell_mini_resnet_k8", pooling="instance_mean", clinical_dim=2, pooling_kwargs={"hidden": [8]}
+    ).eval()
+    assert model.head is None and model.needs_clinical
+    batch = _image_batch()
+    out = model(batch)
+    assert out.logits.shape == (3, 2) and out.instance_logits.shape == (3, 4, 2)
+    torch.testing.assert_close(out.logits.exp().sum(dim=1), torch.ones(3))
+    # the bag score is the log of the mean instance probability
+    probs = out.instance_logits.softmax(-1)[0, :3].mean(0)
+    torch.testing.assert_close(out.logits[0].exp(), probs)
+    with pytest.raises(ShapeError, match="clinical"):
+        model(_image_batch(clinical_dim=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_backbone_presets_in_a_model(name: str) -> None:
+    model = create_mil_model(name, pooling="attention", fusion="linear", trainable=2, chunk_size=3).eval()
+    out = model(_image_batch(sizes=(2, 3), clinical_dim=0))
+    assert out.logits.shape == (2, 2)
+    assert out.embedding.shape[1] == model.encoder.num_features
+
+
+def test_feature_bag_model() -> None:
+    model = create_mil_model(None, pooling="gated_attention", fusion="linear", feature_dim=6)
+    assert model.encoder is None
+    batch = _feature_batch()
+    out = model(batch)
+    assert out.logits.shape == (3, 2)
+    mil_loss(out, batch).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_five_classes_with_mean_pooling() -> None:
+    model = create_mil_model(None, pooling="mean", feature_dim=6, num_classes=5)
+    batch = _feature_batch(sizes=(2, 2, 1, 5, 3), labels=(0, 1, 2, 3, 4))
+    out = model(batch)
+    assert out.logits.shape == (5, 5)
+    assert mil_loss(out, batch, class_weights=[1.0, 2.0, 1.0, 0.5, 1.0]).ndim == 0
+
+
+def test_single_cell_classification_as_bags_of_one() -> None:
+    model = create_mil_model(
+        "milcell_mini_resnet_k8", pooling="mean", num_classes=5, freeze_bn_stats=True, chunk_size=2
+    ).train()
+    batch = collate_bags([Bag(torch.rand(1, 3, 32, 32), label=i) for i in range(5)])
+    out = model(batch)
+    assert out.logits.shape == (5, 5) and out.attention.shape == (5, 1)
+    torch.testing.assert_close(out.attention, torch.ones(5, 1))
+    mil_loss(out, batch).backward()
+    assert model.encoder.backbone.model.conv1.weight.grad is not None
+
+
+def test_chunked_model_equals_unchunked() -> None:
+    kwargs = dict(pooling="gated_attention", backbone_kwargs={"norm_layer": "groupnorm"})
+    torch.manual_seed(3)
+    plain = create_mil_model("milcell_mini_resnet_k8", **kwargs).double()
+    torch.manual_seed(3)
+    chunked = create_mil_model("milcell_mini_resnet_k8", chunk_size=2, checkpointing=True, **kwargs).double()
+    batch = _image_batch(clinical_dim=0).to("cpu", dtype=torch.float64)
+    grads = []
+    for model in (plain, chunked):
+        out = model(batch)
+        mil_loss(out, batch).backward()
+        grads.append([p.grad for p in model.parameters()])
+        assert out.logits.dtype == torch.float64
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_clinical_only_ablation_skips_the_images() -> None:
+    model = create_mil_model(
+        None, pooling="mean", fusion="moe", feature_dim=6, clinical_dim=2, use_image=False
+    )
+    assert not model.uses_image
+    batch = collate_bags([Bag(torch.full((2, 6), float("nan")), 1, clinical=torch.randn(2))])
+    out = model(batch)  # NaN instances are never read
+    assert out.logits.shape == (1, 2) and set(out.experts) == {"clinical"}
+
+
+def test_image_only_switch_ignores_clinical() -> None:
+    model = create_mil_model(
+        None, pooling="mean", fusion="concat", feature_dim=6, clinical_dim=2, use_clinical=False
+    )
+    assert not model.needs_clinical
+    assert model(_feature_batch()).logits.shape == (3, 2)
+
+
+def test_config_is_json_and_rebuilds_the_model() -> None:
+    model = create_mil_model(
+        "milcell_mini_resnet_k8",
+        pooling="conv",
+        fusion="gated",
+        clinical_dim=2,
+        chunk_size=4,
+        pooling_kwargs={"kernel_size": 3},
+        fusion_kwargs={"gate_hidden": (4,)},
+    )
+    text = json.dumps(model.config)
+    rebuilt = MILModel.from_config(json.loads(text))
+    assert rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict())
+    batch = _image_batch()
+    torch.testing.assert_close(rebuilt.eval()(batch).logits, model.eval()(batch).logits)
+
+
+def test_composed_model_and_its_checks() -> None:
+    pool = create_pooling("attention", 6)
+    model = MILModel(pool, create_fusion("concat", 6, 3, 4))
+    assert model.num_classes == 4 and model.clinical_dim == 3 and model.config is None
+    with pytest.raises(ConfigError, match="num_classes=3"):
+        MILModel(pool, create_fusion("linear", 6, 0, 4), num_classes=3)
+    with pytest.raises(ConfigError, match="head=None"):
+        MILModel(create_pooling("instance_mean", 6), create_fusion("linear", 2, 0, 2))
+    with pytest.raises(ConfigError, match="fusion head is required"):
+        MILModel(pool, None)
+    with pytest.raises(ConfigError, match="encoder gives 64"):
+        create = create_mil_model("milcell_mini_resnet_k8")
+        MILModel(pool, create_fusion("linear", 6, 0, 2), encoder=create.encoder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backbone": None}, "feature_dim is required"),
+        ({"backbone": None, "feature_dim": 0}, "feature_dim"),
+        ({"feature_dim": 10}, "feature_dim=10"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"clinical_dim": -1}, "clinical_dim"),
+        ({"pooling": "instance_mean", "fusion": "moe"}, "prediction-level"),
+        ({"fusion": None}, "needs a fusion head"),
+        ({"use_image": False}, "clinical_dim > 0"),
+        ({"use_image": False, "use_clinical": False}, "both be False"),
+        ({"pooling_kwargs": {"hidden": object()}}, "JSON"),
+        ({"pooling": "median"}, "median"),
+        ({"fusion": "linear", "use_image": False, "clinical_dim": 2}, "linear"),
+    ],
+)
+def test_bad_builder_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        create_mil_model(**kwargs)
+
+
+def test_input_validation() -> None:
+    image_model = create_mil_model("milcell_mini_resnet_k8", fusion="concat", clinical_dim=2).eval()
+    with pytest.raises(ShapeError, match=r"batch.instances must be images \(T, C, H, W\)"):
+        image_model(_feature_batch())
+    gray = collate_bags([Bag(torch.rand(2, 1, 32, 32), 0, clinical=torch.zeros(2))])
+    with pytest.raises(ShapeError, match="instances has 1 channels"):
+        image_model(gray)
+    with pytest.raises(ShapeError, match="batch.clinical is missing"):
+        image_model(_image_batch(clinical_dim=0))
+    with pytest.raises(ShapeError, match=r"batch.clinical must have shape \(B, 2\)"):
+        image_model(_image_batch(clinical_dim=3))
+    nan_clinical = _image_batch()
+    nan_clinical.clinical[1, 0] = float("nan")
+    with pytest.raises(DataError, match=r"NaN or inf for bags \['P1'\]"):
+        image_model(nan_clinical)
+    nan_image = _image_batch()
+    nan_image.instances[3, 0, 0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"batch.instances holds NaN or inf in bags \['P1'\]"):
+        image_model(nan_image)
+    with pytest.raises(ShapeError, match="BagBatch"):
+        image_model(torch.rand(2, 3, 32, 32))
+
+    feature_model = create_mil_model(None, pooling="mean", feature_dim=6)
+    with pytest.raises(ShapeError, match=r"feature size 5 but the model expects 6"):
+        feature_model(_feature_batch(dim=5))
+    with pytest.raises(ShapeError, match=r"features \(T, D\)"):
+        feature_model(_image_batch(clinical_dim=0))
+    bad = _feature_batch()
+    bad.instances[0, 0] = float("nan")
+    with pytest.raises(DataError, match="F0"):
+        feature_model(bad)
+    ints = collate_bags([Bag(torch.ones(2, 6, dtype=torch.long), 0)])
+    with pytest.raises(ShapeError, match="floating point"):
+        feature_model(ints)
+
+
+# ----------------------------------------------------------------------------- loss
+def _out(logits: list[list[float]], experts: dict | None = None) -> MILOutput:
+    t = torch.tensor(logits)
+    return MILOutput(logits=t, embedding=torch.zeros(len(logits), 1), experts=experts or {})
+
+
+def test_loss_ignores_unlabelled_and_uses_class_weights() -> None:
+    batch = _feature_batch(sizes=(1, 1, 1), labels=(0, -1, 1))
+    out = _out([[1.0, 0.0], [9.0, -9.0], [0.5, 0.2]])
+    expected = F.cross_entropy(out.logits[[0, 2]], torch.tensor([0, 1]))
+    torch.testing.assert_close(mil_loss(out, batch), expected)
+    weights = torch.tensor([1.0, 3.0])
+    weighted = mil_loss(out, batch, class_weights=weights)
+    manual = (
+        1.0 * F.cross_entropy(out.logits[[0]], torch.tensor([0]))
+        + 3.0 * F.cross_entropy(out.logits[[2]], torch.tensor([1]))
+    ) / 4.0
+    torch.testing.assert_close(weighted, manual)
+    assert (
+        mil_loss(out, batch, class_weights=torch.tensor([1.0, 3.0], dtype=torch.float64)).dtype
+        == torch.float32
+    )
+
+
+def test_loss_with_soft_labels() -> None:
+    bags = [
+        Bag(torch.zeros(1, 2), label=-1, soft_label=torch.tensor([0.25, 0.75])),
+        Bag(torch.zeros(1, 2), label=0, soft_label=torch.tensor([1.0, 0.0])),
+    ]
+    batch = collate_bags(bags)
+    out = _out([[0.0, 1.0], [2.0, -1.0]])
+    logp = out.logits.log_softmax(-1)
+    expected = -(batch.soft_labels * logp).sum(1).mean()
+    torch.testing.assert_close(mil_loss(out, batch), expected)
+    bad = collate_bags([Bag(torch.zeros(1, 2), soft_label=torch.tensor([0.5, 0.2]))])
+    with pytest.raises(DataError, match="sum to 1"):
+        mil_loss(_out([[0.0, 0.0]]), bad)
+
+
+def test_loss_adds_expert_terms() -> None:
+    batch = _feature_batch(sizes=(1, 1), labels=(1, 0))
+    experts = {
+        "image": torch.tensor([[0.0, 2.0], [1.0, 1.0]]),
+        "clinical": torch.tensor([[3.0, 0.0], [0.0, 0.0]]),
+    }
+    out = _out([[0.1, 0.2], [0.3, -0.1]], experts)
+    y = torch.tensor([1, 0])
+    expected = F.cross_entropy(out.logits, y) + 0.5 * (
+        F.cross_entropy(experts["image"], y) + F.cross_entropy(experts["clinical"], y)
+    )
+    torch.testing.assert_close(mil_loss(out, batch, expert_weight=0.5), expected)
+    torch.testing.assert_close(mil_loss(out, batch, expert_weight=0.0), F.cross_entropy(out.logits, y))
+
+
+def test_detached_moe_experts_train_through_the_auxiliary_loss() -> None:
+    model = create_mil_model(
+        None,
+        pooling="mean",
+        fusion="moe",
+        feature_dim=6,
+        clinical_dim=2,
+        fusion_kwargs={"detach_experts": True},
+    )
+    g = torch.Generator().manual_seed(2)
+    batch = collate_bags(
+        [Bag(torch.randn(2, 6, generator=g), i % 2, clinical=torch.randn(2, generator=g)) for i in range(3)]
+    )
+    out = model(batch)
+    model.loss(out, batch, expert_weight=0.0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.head.image_expert.parameters())
+    model.zero_grad()
+    model.loss(model(batch), batch).backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.head.image_expert.parameters())
+
+
+def test_loss_errors() -> None:
+    batch = _feature_batch(sizes=(1, 1), labels=(-1, -1))
+    with pytest.raises(DataError, match="no labelled bag"):
+        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), batch)
+    labelled = _feature_batch(sizes=(1, 1), labels=(0, 1))
+    with pytest.raises(ConfigError, match=r"class_weights must have shape \(2,\)"):
+        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), labelled, class_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="class_weights must be finite"):
+        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), labelled, class_weights=[1.0, -1.0])
+    with pytest.raises(DataError, match="out of range"):
+        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), _feature_batch(sizes=(1, 1), labels=(0, 2)))
+    with pytest.raises(ShapeError, match="logits"):
+        mil_loss(_out([[0.0, 0.0]]), labelled)

@@ -1,0 +1,287 @@
+"""Tests of the ``milcell`` command, run in-process through ``main([...])``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from milcell.cli import main
+from milcell.data.synthetic import make_cohort
+
+COMMANDS = ["demo", "train", "evaluate", "predict", "extract-features", "info"]
+FAST = ["--folds", "2", "--epochs", "1", "--no-progress", "--threads", "1", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cohorts")
+    return {
+        "dlmi": make_cohort(root / "dlmi", n_patients=12, seed=0, image_size=32, bag_size=(2, 4)),
+        "cnmc": make_cohort(
+            root / "cnmc", n_patients=8, seed=0, layout="cnmc", image_size=32, bag_size=(2, 3)
+        ),
+        "imagefolder": make_cohort(
+            root / "if", n_patients=6, seed=0, layout="imagefolder", image_size=32, bag_size=(3, 4)
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def dlmi_run(cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "dlmi"
+    args = ["train", "--data-dir", str(cohorts["dlmi"]), "--format", "dlmi", "--image-size", "32"]
+    code = main([*args, *FAST, "--output-dir", str(out)])
+    assert code == 0
+    return out
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("milcell: error: ")
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- info and help
+
+
+def test_info_lists_registries_versions_and_device(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for text in ("milcell 0.1.0", "torch ", "timm ", "python ", "device: ", "gated_attention", "moe"):
+        assert text in out
+    assert "milcell_mini_resnet_k8" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: milcell {command}")
+    assert "--debug" in out
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "<command>" in capsys.readouterr().out
+
+
+def test_console_script_help() -> None:
+    exe = shutil.which("milcell", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the milcell console script is not installed (pip install -e .)"
+    done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0
+    for command in COMMANDS:
+        assert command in done.stdout
+
+
+# --------------------------------------------------------------------------- train / evaluate / predict
+
+
+def test_train_dlmi_writes_a_saved_run(dlmi_run: Path) -> None:
+    for name in ("config.yaml", "config.json", "run.json", "folds.csv", "oof_predictions.csv", "roc.png"):
+        assert (dlmi_run / name).is_file(), name
+    record = json.loads((dlmi_run / "run.json").read_text())
+    assert record["data_format"] == "dlmi" and len(record["models"]) == 2
+    for entry in record["models"]:
+        folder = dlmi_run / entry["path"]
+        assert (folder / "model.safetensors").is_file()
+        meta = json.loads((folder / "model.json").read_text())
+        assert meta["model_config"]["pooling"] == "gated_attention"
+        assert meta["clinical_scaler"]["names"] == ["age", "lymph_count", "sex"]
+    with open(dlmi_run / "oof_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10  # the 10 labelled training patients, each predicted once out of fold
+
+
+def test_predict_dlmi_writes_the_submission_for_exactly_the_test_patients(
+    dlmi_run: Path, cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "sub.csv"
+    assert main(["predict", "--run", str(dlmi_run), "--output", str(target), "--no-progress"]) == 0
+    with open(target, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["Id", "Predicted"]
+    with open(next((cohorts["dlmi"] / "testset").glob("*.csv")), newline="") as fh:
+        test_ids = [r["ID"] for r in csv.DictReader(fh)]
+    assert [r[0] for r in rows[1:]] == test_ids
+    assert {r[1] for r in rows[1:]} <= {"0", "1"}
+    assert "2 samples" in capsys.readouterr().out
+
+
+def test_evaluate_prints_vote_and_fold_rows(
+    dlmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "eval.json"
+    assert main(["evaluate", "--run", str(dlmi_run), "--output", str(target), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "soft vote of 2 models" in out and "fold models (mean ± std)" in out and "balanced acc." in out
+    result = json.loads(target.read_text())
+    assert 0.0 <= result["ensemble"]["balanced_accuracy"] <= 1.0
+    assert len(result["fold_models"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["cnmc", "imagefolder"])
+def test_train_and_predict_single_cell_layouts(
+    fmt: str, cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / fmt
+    args = ["train", "--data-dir", str(cohorts[fmt]), "--format", fmt, "--image-size", "64"]
+    args += [*FAST, "--output-dir", str(out), "--cache-images"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "balanced acc." in table
+    record = json.loads((out / "run.json").read_text())
+    assert record["clinical_names"] == []
+    assert main(["predict", "--run", str(out), "--no-progress"]) == 0
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and set(rows[0]) >= {"id", "predicted"}
+    assert all(r["predicted"] in record["class_names"] for r in rows)
+
+
+# --------------------------------------------------------------------------- configuration files
+
+
+@pytest.mark.slow
+def test_saved_config_reruns_the_same_run(
+    dlmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = yaml.safe_load((dlmi_run / "config.yaml").read_text())
+    assert saved["command"] == "train" and saved["folds"] == 2 and saved["image_size"] == 32
+    assert json.loads((dlmi_run / "config.json").read_text()) == saved
+    rerun = tmp_path / "rerun"
+    assert main(["train", "--config", str(dlmi_run / "config.yaml"), "--output-dir", str(rerun)]) == 0
+    again = yaml.safe_load((rerun / "config.yaml").read_text())
+    assert again == {**saved, "output_dir": str(rerun)}
+    first = json.loads((dlmi_run / "run.json").read_text())["summary"]
+    second = json.loads((rerun / "run.json").read_text())["summary"]
+    assert first == second  # same seed on the CPU: the same numbers
+
+
+def test_flags_override_the_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"format": "dlmi", "data-dir": str(tmp_path / "nowhere"), "folds": 3}))
+    assert main(["train", "--config", str(cfg), "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "elsewhere" in _error_line(capsys)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("format: dlmi\nbatch_sise: 4\nfoo-bar: 1\n")
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("format: dlmi\n  folds: [2\n")
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text("epochs: many\n")
+    other = tmp_path / "demo.yaml"
+    other.write_text("command: demo\n")
+    return {"unknown": unknown, "malformed": malformed, "type": wrong_type, "other": other, "dir": tmp_path}
+
+
+BAD_ARGUMENTS = [
+    (["train", "--format", "nifti", "--data-dir", "."], "invalid choice: 'nifti'"),
+    (["train", "--format", "dlmi"], "missing required option(s) --data-dir"),
+    (["train", "--data-dir", "{dir}"], "missing required option(s) --format"),
+    (["train", "--format", "dlmi", "--data-dir", "{dir}/absent"], "does not exist"),
+    (["train", "--format", "dlmi", "--data-dir", "{dir}"], "{dir}"),
+    (["train", "--format", "dlmi", "--data-dir", "{dir}", "--precision", "16"], "invalid choice: '16'"),
+    (
+        ["train", "--format", "dlmi", "--data-dir", "{dir}", "--pooling", "gated_atention"],
+        "did you mean 'gated_attention'",
+    ),
+    (["train", "--format", "dlmi", "--data-dir", "{dir}", "--fusion", "mo"], "unknown fusion 'mo'"),
+    (["train", "--format", "dlmi", "--data-dir", "{dir}", "--folds", "1"], "at least 2 folds"),
+    (["train", "--config", "{unknown}"], "unknown key(s) 'batch_sise', 'foo-bar'"),
+    (["train", "--config", "{malformed}"], "not valid YAML at line 2"),
+    (["train", "--config", "{type}"], "invalid value 'many' for 'epochs'"),
+    (["train", "--config", "{other}"], "saved by 'milcell demo'"),
+    (["train", "--config", "{dir}/none.yaml"], "does not exist"),
+    (["evaluate", "--run", "{dir}"], "has no run.json"),
+    (["predict", "--run", "{dir}/absent"], "does not exist"),
+    (["predict"], "missing required option(s) --run"),
+    (["demo", "--min-cells", "9", "--max-cells", "3"], "larger than --max-cells"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    (["fly"], "invalid choice: 'fly'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_give_one_line_and_status_2(
+    argv: list[str], message: str, bad_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill = {k: str(v) for k, v in bad_files.items()}
+    assert main([a.format(**fill) for a in argv]) == 2
+    line = _error_line(capsys)
+    assert message.format(**fill) in line
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["evaluate", "--run", str(tmp_path)]
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "CheckpointError" in err
+    assert err.strip().splitlines()[-1].startswith("milcell: error: ")
+
+
+def test_demo_refuses_to_overwrite_without_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "roc.png").write_bytes(b"earlier result")
+    assert main(["demo", "--output-dir", str(tmp_path), "--smoke"]) == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert (tmp_path / "roc.png").read_bytes() == b"earlier result"
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_smoke_prints_the_table_and_writes_the_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--smoke", "--output-dir", str(out), "--no-progress", "--patients", "12"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    for column in ("balanced acc.", "sensitivity", "specificity", "AUC"):
+        assert column in header
+    for row in ("concat fusion", "image only", "clinical only"):
+        assert any(line.startswith("gated_attention") or row in line for line in lines)
+        assert any(row in line and "±" in line for line in lines), row
+    for name in ("roc.png", "training_curves.png", "attention_montage.png", "config.yaml", "results.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["command"] == "demo" and saved["folds"] == 2 and saved["patients"] == 12
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["models"]) == 3
+
+
+def test_extract_features_writes_a_reusable_cache(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from milcell.data.datasets import FeatureBagDataset
+
+    out = tmp_path / "cache"
+    args = ["extract-features", "--data-dir", str(cohorts["dlmi"]), "--format", "dlmi"]
+    args += ["--image-size", "32", "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    assert "12 bags of 64-d features" in capsys.readouterr().out
+    cached = FeatureBagDataset.from_safetensors(out / "features.safetensors")
+    assert len(cached) == 12 and cached.dim == 64
+    assert yaml.safe_load((out / "config.yaml").read_text())["command"] == "extract-features"

@@ -1,0 +1,40 @@
+"""Tests of milcell's internal helpers."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from milcell._utils import atomic_path
+
+
+def test_atomic_path_writes_and_renames(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("hello")
+        assert not target.exists()
+    assert target.read_text() == "hello"
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_atomic_path_keeps_previous_file_on_error(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_uses_umask_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "file.txt"
+        with atomic_path(target) as tmp:
+            tmp.write_text("x")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)

@@ -1,0 +1,127 @@
+"""Tests of milcell.train.distributed and of DDP training launched with torchrun."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from milcell.data import Bag
+from milcell.exceptions import ConfigError, DataError
+from milcell.train.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    launched_distributed,
+    make_loader,
+)
+from milcell.train.trainer import Predictions, _merge_predictions
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def _bags(n: int) -> list[Bag]:
+    return [Bag(torch.full((1 + i % 2, 3), float(i)), label=i % 2, id=f"P{i}") for i in range(n)]
+
+
+def test_make_loader_single_process_is_seeded() -> None:
+    bags = _bags(10)
+    order = [b.ids for b in make_loader(bags, 3, shuffle=True, seed=4)]
+    assert order == [b.ids for b in make_loader(bags, 3, shuffle=True, seed=4)]
+    assert order != [b.ids for b in make_loader(bags, 3, shuffle=True, seed=5)]
+    assert next(iter(make_loader(bags, 5, shuffle=False))).ids == [f"P{i}" for i in range(5)]
+    assert not isinstance(make_loader(bags, 2, shuffle=True).sampler, DistributedSampler)
+
+
+def test_make_loader_shards_under_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert launched_distributed() and get_world_size() == 2 and get_rank() == 1
+    loader = make_loader(_bags(5), 2, shuffle=False)
+    assert isinstance(loader.sampler, DistributedSampler)
+    # Rank 1 of 2 gets bags 1 and 3, plus bag 0 repeated to even out the ranks.
+    assert [i for b in loader for i in b.ids] == ["P1", "P3", "P0"]
+    assert not isinstance(
+        make_loader(_bags(5), 2, shuffle=False, distributed=False).sampler, DistributedSampler
+    )
+
+
+def test_make_loader_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        make_loader(_bags(2), 0, shuffle=True)
+    with pytest.raises(ConfigError, match="'sampler' is chosen by make_loader"):
+        make_loader(_bags(2), 1, shuffle=True, sampler=None)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):
+        launched_distributed()
+
+
+def test_single_process_collectives_are_identity() -> None:
+    assert all_gather_objects([1, 2]) == [[1, 2]]
+    assert torch.equal(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
+
+
+def test_merge_predictions_drops_padded_duplicates() -> None:
+    def part(ids: list[str]) -> Predictions:
+        n = len(ids)
+        return Predictions(ids, torch.rand(n, 2), torch.zeros(n, dtype=torch.long), [torch.ones(2)] * n)
+
+    merged = _merge_predictions([part(["a", "c", "e"]), part(["b", "d", "a"])])
+    assert merged.ids == ["a", "c", "e", "b", "d"]
+    assert merged.probabilities.shape == (5, 2) and len(merged.attention or []) == 5
+    with pytest.raises(DataError, match="non-empty ids"):
+        _merge_predictions([part(["", "x"])])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("milcell_ddp_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    single = script.run(tmp_path / "single", 4, distributed=False)
+
+    env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK"}}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        str(tmp_path / "ddp"),
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
+
+    for name, value in single["state"].items():
+        torch.testing.assert_close(ddp["state"][name], value, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ddp["history"], single["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-6)
+        assert a["val_n_unlabelled"] == b["val_n_unlabelled"] == 1.0
+    # 9 bags over 2 ranks: the padded repeat is dropped; every bag appears once.
+    assert sorted(ddp["ids"]) == sorted(single["ids"]) and len(ddp["ids"]) == 9
+    order = [ddp["ids"].index(i) for i in single["ids"]]
+    torch.testing.assert_close(ddp["probabilities"][order], single["probabilities"], atol=1e-5, rtol=1e-5)
+    assert len(ddp["attention_sizes"]) == 9
+    rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,lr,train_loss,val_loss")
