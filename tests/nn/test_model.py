@@ -342,3 +342,21 @@ def test_loss_errors() -> None:
         mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), _feature_batch(sizes=(1, 1), labels=(0, 2)))
     with pytest.raises(ShapeError, match="logits"):
         mil_loss(_out([[0.0, 0.0]]), labelled)
+
+
+def test_frozen_backbone_freezes_batchnorm_statistics_by_default() -> None:
+    # Regression: trainable="head" froze the weights but BatchNorm running statistics still drifted.
+    import torch
+
+    from milcell.data import Bag, collate_bags
+    from milcell.nn.model import create_mil_model
+
+    model = create_mil_model("milcell_mini_resnet_k8", pooling="mean", trainable="head")
+    assert model.config["freeze_bn_stats"] is True
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(collate_bags([Bag(torch.rand(4, 3, 32, 32), 1), Bag(torch.rand(3, 3, 32, 32), 0)]))
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    trainable = create_mil_model("milcell_mini_resnet_k8", pooling="mean")
+    assert trainable.config["freeze_bn_stats"] is False

@@ -535,3 +535,32 @@ def test_batch_of_only_unlabelled_bags_with_mil_model() -> None:
     trainer = Trainer(model, max_epochs=1, progress=False)
     history = trainer.fit(make_loader(bags, 1, False))
     assert math.isfinite(history[0]["train_loss"])
+
+
+def test_set_epoch_reaches_samplers_and_datasets_behind_the_loader() -> None:
+    # Regression: a BagDataset capping instances drew the same subset every epoch because
+    # only DistributedSampler.set_epoch was called.
+    from torch.utils.data import ConcatDataset, Subset
+
+    from milcell.data.samplers import ClassBalancedSampler
+
+    class EpochBags(torch.utils.data.Dataset):
+        def __init__(self, bags: list[Bag]) -> None:
+            self.bags, self.epochs = bags, []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __len__(self) -> int:
+            return len(self.bags)
+
+        def __getitem__(self, i: int) -> Bag:
+            return self.bags[i]
+
+    a, b = EpochBags(make_bags(4)), EpochBags(make_bags(4, seed=1))
+    dataset = Subset(ConcatDataset([a, b]), list(range(8)))
+    sampler = ClassBalancedSampler([i % 2 for i in range(8)], seed=0)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=collate_bags)
+    Trainer(MeanMIL(), max_epochs=3, progress=False).fit(loader)
+    assert a.epochs == b.epochs == [0, 1, 2]
+    assert sampler.epoch >= 3

@@ -338,7 +338,7 @@ def create_mil_model(
     trainable: str | int = "all",
     chunk_size: int | None = None,
     checkpointing: bool = False,
-    freeze_bn_stats: bool = False,
+    freeze_bn_stats: bool | None = None,
     pooling_kwargs: Mapping[str, Any] | None = None,
     fusion_kwargs: Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
@@ -371,8 +371,10 @@ def create_mil_model(
         Instances per backbone call (see :class:`~milcell.nn.encoder.InstanceEncoder`).
     checkpointing : bool, default False
         Activation checkpointing per chunk.
-    freeze_bn_stats : bool, default False
-        Keep the backbone's BatchNorm layers in eval mode.
+    freeze_bn_stats : bool or None, default None
+        Keep the backbone's BatchNorm layers in eval mode. ``None`` means
+        True for a frozen backbone (``trainable="head"``: its running
+        statistics must not drift either) and False otherwise.
     pooling_kwargs, fusion_kwargs, backbone_kwargs : dict or None
         Extra options; must be JSON-serialisable (they go into ``model.config``).
     use_image, use_clinical : bool, default True
@@ -398,6 +400,8 @@ def create_mil_model(
     >>> out.logits.shape, out.instance_logits.shape
     (torch.Size([1, 5]), torch.Size([1, 4, 5]))
     """
+    if freeze_bn_stats is None:
+        freeze_bn_stats = trainable == "head"
     config: dict[str, Any] = {
         "backbone": backbone,
         "pooling": pooling,

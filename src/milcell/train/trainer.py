@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from milcell._utils import atomic_path
@@ -147,13 +147,29 @@ def _loader_generators(loader: Iterable[Any] | None) -> list[torch.Generator]:
     return found
 
 
-def _distributed_sampler(loader: Iterable[Any]) -> DistributedSampler[Any] | None:
+def _epoch_aware(loader: Iterable[Any]) -> list[Any]:
+    """Everything behind a DataLoader with a ``set_epoch`` method: samplers and datasets.
+
+    That covers ``DistributedSampler``, milcell's samplers, and datasets that
+    draw a random instance subset per epoch (``BagDataset(max_instances=...)``),
+    looking inside ``Subset`` and ``ConcatDataset``.
+    """
     if not isinstance(loader, DataLoader):
-        return None
+        return []
+    found: list[Any] = []
     for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        if isinstance(sampler, DistributedSampler):
-            return sampler
-    return None
+        if callable(getattr(sampler, "set_epoch", None)) and sampler not in found:
+            found.append(sampler)
+    stack: list[Any] = [loader.dataset]
+    while stack:
+        dataset = stack.pop()
+        if callable(getattr(dataset, "set_epoch", None)):
+            found.append(dataset)
+        stack.extend(getattr(dataset, "datasets", ()))  # ConcatDataset
+        inner = getattr(dataset, "dataset", None)  # Subset and similar wrappers
+        if inner is not None:
+            stack.append(inner)
+    return found
 
 
 class Trainer:
@@ -216,10 +232,12 @@ class Trainer:
         ``(C,)`` passed to ``model.loss``.
     seed : int or None, default 0
         At the start of epoch ``e`` the training loader's ``torch.Generator``
-        is reseeded with ``seed + e`` (and a ``DistributedSampler`` gets
-        ``set_epoch(e)``), so shuffling does not depend on how the run was
-        interrupted. ``None`` leaves the generators alone (their state is
-        still checkpointed).
+        is reseeded with ``seed + e``, so shuffling does not depend on how
+        the run was interrupted. Whatever the seed, every sampler and dataset
+        behind the training loader that has ``set_epoch`` (a
+        ``DistributedSampler``, milcell's samplers, a ``BagDataset`` drawing
+        ``max_instances`` per epoch) gets ``set_epoch(e)``. ``None`` leaves
+        the generators alone (their state is still checkpointed).
     restore_best : bool, default False
         Load the best weights into the model at the end of :meth:`fit`.
     threshold : float, default 0.5
@@ -535,9 +553,8 @@ class Trainer:
         return self.history
 
     def _prepare_epoch(self, loader: Iterable[Any], epoch: int) -> None:
-        sampler = _distributed_sampler(loader)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        for item in _epoch_aware(loader):
+            item.set_epoch(epoch)
         if self.seed is not None:
             for gen in _loader_generators(loader):
                 gen.manual_seed(self.seed + epoch)
