@@ -22,14 +22,22 @@ images), best validation accuracy when training on 100 / 50 / 10 / 1 % of the tr
 
   Table 1 gets one "with" column per pretraining route (labelled auxiliary set, k-means pseudo-labels).
 
-``--quick`` / ``--smoke`` substitute timm's tiny ``test_resnet`` (4 stages like ResNet-18) at 32 px, a
-64-d (quick) or 16-d (smoke) latent and a few epochs; ``--smoke`` runs only the 100 % fraction. Without
-``--pretrained`` (no network here) every network starts from random weights.
+``--quick`` substitutes timm's tiny ``test_resnet`` (4 stages like ResNet-18) at 48 px on 24 synthetic
+smears (472 training / 131 validation cells; 1 % is then 5 images, one per class, where the report had
+84), a 64-d latent, Adam lr 2e-3, batch 8 (last partial batch dropped for BatchNorm) and 8 epochs for
+every row (245 synthetic C-NMC cells, 5 epochs, for the auxiliary pretraining); ``--smoke`` uses 32 px,
+a 16-d latent, one epoch and only the 100 % fraction. Without ``--pretrained`` (no network here) every
+network starts from random weights, so the k-means clusters of random features barely match the
+hidden labels (the script prints their adjusted Rand index). Measured ``--quick`` (seed 0,
+``--threads 1``; 176 s CPU, 333 s wall on a shared, loaded machine), best validation accuracy % without
+/ with extra information (labelled aux, k-means aux): 100 % 95.4 / 92.4, 97.7; 50 % 93.1 / 92.4, 88.5;
+10 % 48.9 / 74.8, 52.7; 1 % 28.2 / 51.9, 48.9 (majority class: 48.9). As in the report, extra
+information matters little with all the data and helps most with little of it.
 
 Run::
 
     python examples/wbc_transfer.py --smoke                   # CI check, < 1 min
-    python examples/wbc_transfer.py --quick                   # <= 5 min on 2 CPU cores
+    python examples/wbc_transfer.py --quick                   # ~3 CPU-minutes
     python examples/wbc_transfer.py                           # the report's protocol (hours; GPU advised)
     python examples/wbc_transfer.py --data-dir WBC --aux-dir C-NMC_Leukemia --pretrained --device cuda
 
@@ -114,13 +122,15 @@ def load_data(args: Any, cfg: dict[str, Any]) -> tuple[CellSet, CellSet, CellSet
     """WBC train and val cells, and the auxiliary binary set (real folders or synthetic cohorts)."""
     root = args.data_dir
     if root is None:
-        root = args.output_dir / f"synthetic_wbc_{cfg['mode']}_seed{args.seed}"
+        root = args.output_dir / f"synthetic_wbc_{cfg['smears']}s_{cfg['img_size']}px_seed{args.seed}"
         if not (root / "val").is_dir():  # val/ is written after train/
             shutil.rmtree(root, ignore_errors=True)
             make_cohort(root, cfg["smears"], args.seed, "imagefolder", cfg["img_size"], cfg["cells"])
     aux_root = args.aux_dir
     if aux_root is None:
-        aux_root = args.output_dir / f"synthetic_aux_{cfg['mode']}_seed{args.seed}"
+        aux_root = (
+            args.output_dir / f"synthetic_aux_{cfg['aux_patients']}p_{cfg['img_size']}px_seed{args.seed}"
+        )
         if not (aux_root / "validation_data").is_dir():
             shutil.rmtree(aux_root, ignore_errors=True)
             make_cohort(
@@ -132,21 +142,20 @@ def load_data(args: Any, cfg: dict[str, Any]) -> tuple[CellSet, CellSet, CellSet
 
 
 def fit(
-    model: nn.Module, train: InstanceDataset, val: InstanceDataset | None, epochs: int, args: Any
+    model: nn.Module, train: InstanceDataset, val: InstanceDataset | None, epochs: int, cfg: dict, args: Any
 ) -> Trainer:
-    """Adam 1e-3, batch 32; keeps the epoch of best validation accuracy (if a validation set is given)."""
+    """Adam; keeps the epoch of best validation accuracy (if a validation set is given)."""
     trainer = Trainer(
         model,
-        lr=1e-3,
+        lr=cfg["lr"],
         max_epochs=epochs,
         monitor="val_accuracy" if val is not None else "train_loss",
         progress=False,
         device=args.device,
         seed=args.seed,
     )
-    loader = make_loader(
-        train, 32, shuffle=True, seed=args.seed, drop_last=len(train) % 32 == 1
-    )  # no batch of 1
+    batch = cfg["batch_size"]  # drop the last partial batch (BatchNorm), unless it is the only one
+    loader = make_loader(train, batch, shuffle=True, seed=args.seed, drop_last=len(train) >= batch)
     trainer.fit(loader, None if val is None else make_loader(val, 64, shuffle=False))
     return trainer
 
@@ -157,23 +166,26 @@ def main() -> None:
     args = parser.parse_args()
     profile = setup(args, __file__)
     cfg = profile.settings(
-        smears=(6, 16, 400),
-        cells=((4, 6), (10, 16), (15, 30)),
-        aux_patients=(6, 16, 60),
-        aux_cells=((2, 3), (6, 10), (30, 60)),
-        img_size=(32, 32, 224),
+        smears=(6, 24, 400),
+        cells=((4, 6), (20, 30), (15, 30)),
+        aux_patients=(6, 30, 60),
+        aux_cells=((2, 3), (8, 12), (30, 60)),
+        img_size=(32, 48, 224),
         backbone=("test_resnet", "test_resnet", "resnet18"),
         cluster_backbone=("test_resnet", "test_resnet", "vgg16"),
         latent=(16, 64, 512),
-        epochs=(1, 3, 30),
-        aux_epochs=(1, 2, 10),
-        ae_epochs=(1, 3, 30),
+        lr=(2e-3, 2e-3, 1e-3),
+        batch_size=(8, 8, 32),
+        epochs=(1, 8, 30),
+        aux_epochs=(1, 5, 10),
+        ae_epochs=(1, 8, 30),
         fractions=((1.0,), (1.0, 0.5, 0.1, 0.01), (1.0, 0.5, 0.1, 0.01)),
     )
     notes = [
         f"backbone {cfg['backbone']} at {cfg['img_size']} px"
         + ("" if profile.full else " (substitute for ResNet-18 at 224 px)")
-        + f", last two stages trainable; {cfg['epochs']} epochs (report: 30)",
+        + f", last two stages trainable; Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
+        f"{cfg['epochs']} epochs (report: 30)",
         f"auxiliary binary set: {'C-NMC ' + str(args.aux_dir) if args.aux_dir else 'synthetic C-NMC cells'}"
         f", pretrained with stem + first stage frozen; k-means route on {cfg['cluster_backbone']} features",
         f"autoencoder latent {cfg['latent']} (report: 512) on the unlabelled training images",
@@ -200,7 +212,7 @@ def main() -> None:
     # 1. pretraining on the labelled auxiliary set
     t0 = time.perf_counter()
     aux_labelled = binary_model()
-    fit(aux_labelled, InstanceDataset(aux, train_tf), None, cfg["aux_epochs"], args)
+    fit(aux_labelled, InstanceDataset(aux, train_tf), None, cfg["aux_epochs"], cfg, args)
     # 2. the alternative: features -> PCA(100) -> k-means(2) pseudo-labels on the same images, labels unseen
     clusterer = create_backbone(cfg["cluster_backbone"], pretrained=args.pretrained, trainable="head")
     feats = extract_features(clusterer, InstanceDataset(aux, eval_tf), None, batch_size=64, progress=False)
@@ -214,15 +226,15 @@ def main() -> None:
     records = [CellRecord(r.path, int(c), r.patient, r.mask_path) for r, c in zip(aux, clusters, strict=True)]
     aux_kmeans = binary_model()
     pseudo = CellSet(records, class_names=("cluster0", "cluster1"), root=aux.root)
-    fit(aux_kmeans, InstanceDataset(pseudo, train_tf), None, cfg["aux_epochs"], args)
+    fit(aux_kmeans, InstanceDataset(pseudo, train_tf), None, cfg["aux_epochs"], cfg, args)
     print(f"auxiliary pretraining (labelled and k-means) done in {time.perf_counter() - t0:.0f} s")
 
     # 3. autoencoder on the unlabelled training images (reconstructs the normalised input)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     ae = ConvAutoencoder(size, cfg["latent"]).to(args.device)
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
-    loader = make_loader(InstanceDataset(train, train_tf), 32, shuffle=True, seed=args.seed)
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg["lr"])
+    loader = make_loader(InstanceDataset(train, train_tf), cfg["batch_size"], shuffle=True, seed=args.seed)
     for _ in range(cfg["ae_epochs"]):
         for batch in loader:
             x = batch.instances.to(args.device)
@@ -262,12 +274,14 @@ def main() -> None:
             trainable=2,
         )
         accuracy["without"] = fit(
-            plain, InstanceDataset(subset, train_tf), val_plain, cfg["epochs"], args
+            plain, InstanceDataset(subset, train_tf), val_plain, cfg["epochs"], cfg, args
         ).best_value
         for route, aux_model in (("labelled aux", aux_labelled), ("k-means aux", aux_kmeans)):
             torch.manual_seed(args.seed)
             masked = InstanceDataset(subset, train_tf, apply_mask=True)
-            accuracy[route] = fit(with_extra(aux_model), masked, val_masked, cfg["epochs"], args).best_value
+            accuracy[route] = fit(
+                with_extra(aux_model), masked, val_masked, cfg["epochs"], cfg, args
+            ).best_value
         pub = PUBLISHED[fraction]
         rows.append(
             {

@@ -38,3 +38,18 @@ def test_atomic_path_uses_umask_permissions(tmp_path):
         assert stat.S_IMODE(target.stat().st_mode) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_atomic_path_permissions_survive_writers_that_recreate_the_file(tmp_path):
+    # Regression: safetensors.save_file recreates its target with mode 0600.
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "w.safetensors"
+        with atomic_path(target) as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import sys
 import time
@@ -78,8 +79,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(demo, "--output-dir", default="milcell-demo", help="folder of the results")
     add_option(demo, "--overwrite", action="store_true", default=False, help="replace earlier demo results")
-    sizes = demo.add_argument_group("size (defaults: a ~3 minute run on 2 CPU cores)")
+    sizes = demo.add_argument_group("size (defaults: ~3.5 minutes of CPU time on 2 cores)")
     add_option(
         sizes,
         "--smoke",
@@ -342,6 +343,28 @@ def _check_model_names(cfg: dict[str, Any]) -> None:
     _check_name("fusion", cfg.get("fusion"), list_fusions())
 
 
+def _check_fusion(cfg: dict[str, Any]) -> None:
+    """Reject a fusion head given with flags that leave it nothing to fuse (before any data is read)."""
+    fusion = cfg.get("fusion")
+    if fusion in (None, "linear"):
+        return
+    if cfg.get("pooling") == "instance_mean":
+        raise ConfigError(
+            f"--fusion {fusion} cannot be used with --pooling instance_mean: that pooling outputs the class "
+            "scores itself (its clinical input is per-instance concatenation); drop --fusion"
+        )
+    if cfg.get("format") in ("cnmc", "imagefolder"):
+        raise ConfigError(
+            f"--fusion {fusion} fuses clinical attributes, but the {cfg['format']} layout has none; "
+            "use --fusion linear (or leave it out)"
+        )
+    if cfg.get("inputs") == "image":
+        raise ConfigError(
+            f"--fusion {fusion} fuses clinical attributes, but --inputs image leaves them out; "
+            "use --fusion linear (or leave it out)"
+        )
+
+
 def _setup(cfg: dict[str, Any]) -> None:
     import torch
 
@@ -404,6 +427,7 @@ def _cmd_train(cfg: dict[str, Any]) -> int:
 
     _require(cfg, "data_dir", "format")
     _check_model_names(cfg)
+    _check_fusion(cfg)
     if not Path(cfg["data_dir"]).exists():
         raise FileNotFoundError(f"data directory '{cfg['data_dir']}' does not exist")
     out = Path(cfg["output_dir"])
@@ -547,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(bool(getattr(args, "verbose", False)))
         _setup(cfg)
         return _COMMANDS[args.command](cfg)
-    except (MilcellError, FileNotFoundError, ValueError) as exc:
+    except (MilcellError, OSError, ValueError) as exc:
         if debug:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)

@@ -111,7 +111,7 @@ def test_permutation_invariance(name: str, data: tuple) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=100)
+@settings(max_examples=200)
 @given(data=bags(), extra=st.integers(1, 4), value=st.sampled_from(GARBAGE))
 def test_padding_invariance(name: str, data: tuple, extra: int, value: float) -> None:
     x, mask, clinical, _ = data
@@ -130,7 +130,7 @@ def test_padding_invariance(name: str, data: tuple, extra: int, value: float) ->
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(data=bags())
 def test_batch_independence(name: str, data: tuple) -> None:
     """Each bag alone, with only its real instances (N_max = n_i), gives the same output as in the batch."""
@@ -145,7 +145,7 @@ def test_batch_independence(name: str, data: tuple) -> None:
 
 
 @pytest.mark.parametrize("name", ["mean", "max", "lse", "attention", "gated_attention"])
-@settings(max_examples=100)
+@settings(max_examples=200)
 @given(data=bags())
 def test_identical_instances_give_the_instance(name: str, data: tuple) -> None:
     x, mask, _clinical, _ = data

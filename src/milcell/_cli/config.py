@@ -78,7 +78,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file '{file}' does not exist")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{file}' is not UTF-8 text: {exc}") from None
     try:
         data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
@@ -107,13 +110,20 @@ def _convert(action: argparse.Action, key: str, value: Any, file: str) -> Any:
         return value
     if value is None:
         return None
-    if action.type is not None and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(
+            f"config file '{file}': {key!r} ({flag}) must be a single value, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    if action.type is not None:
         try:
-            value = action.type(str(value)) if isinstance(value, str) else action.type(value)
+            value = action.type(str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(
                 f"config file '{file}': invalid value {value!r} for {key!r} ({flag}): {exc}"
             ) from None
+    elif action.choices is not None and all(isinstance(c, str) for c in action.choices):
+        value = str(value)  # YAML reads `precision: 32` as an int
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(repr(c) for c in action.choices)
         raise ConfigError(f"config file '{file}': {key!r} ({flag}) must be one of {choices}, got {value!r}")

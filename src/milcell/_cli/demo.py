@@ -33,8 +33,11 @@ logger = logging.getLogger("milcell")
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {"patients": 16, "image_size": 32, "min_cells": 4, "max_cells": 8, "folds": 2, "epochs": 1},
     "quick": {"patients": 50, "image_size": 32, "min_cells": 8, "max_cells": 16, "folds": 3, "epochs": 8},
-    "default": {"patients": 90, "image_size": 32, "min_cells": 8, "max_cells": 24, "folds": 5, "epochs": 12},
+    "default": {"patients": 90, "image_size": 32, "min_cells": 8, "max_cells": 24, "folds": 5, "epochs": 20},
 }
+# The default preset trains 20 epochs: at 12 the end-to-end image branch is still under-trained (training
+# loss ~0.4 and falling, validation loss swinging between epochs), and the fusion model then did not beat
+# the clinical-only model (seed 0: balanced accuracy 0.83 vs 0.86). All three models share these settings.
 #: The demo's generated files, removed by ``--overwrite`` (nothing else in the folder is touched).
 DEMO_OUTPUTS = (
     "cohort",

@@ -578,7 +578,13 @@ def load_run(path: str | Path) -> LoadedRun:
         raise CheckpointError(f"run record '{record_path}' is not a milcell run record")
     models, scalers = [], []
     for entry in record["models"]:
-        model_dir = folder / entry["path"]
+        # A shared run's record may not point the loader outside the run folder.
+        model_dir = folder / str(entry.get("path", "")) if isinstance(entry, dict) else folder
+        inside = model_dir.resolve()
+        if inside == folder.resolve() or not inside.is_relative_to(folder.resolve()):
+            raise CheckpointError(
+                f"run record '{record_path}': model path {entry!r} is not a folder inside the run"
+            )
         meta_path = model_dir / "model.json"
         if not meta_path.is_file():
             raise CheckpointError(f"model record '{meta_path}' is missing")

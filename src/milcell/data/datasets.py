@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 
 from milcell._utils import atomic_path
 from milcell.data.bag import Bag
+from milcell.data.formats._paths import check_inside
 from milcell.data.records import BagCohort, BagRecord, CellSet
 from milcell.data.transforms import default_transform
 from milcell.exceptions import ConfigError, DataError
@@ -152,7 +153,11 @@ def _resolve_path(path: Path, root: Path | None) -> Path:
     if root is not None and not path.is_absolute() and not path.exists():
         candidate = Path(root) / path
         if candidate.exists():
-            return candidate
+            path = candidate
+    if root is not None:
+        # Checked again at read time: a file replaced by a symlink pointing out of the dataset
+        # after the loader checked it is refused.
+        check_inside(Path(root), path)
     return path
 
 

@@ -191,6 +191,24 @@ class MILModel(nn.Module):
         self.config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ validation
+    def _dtype(self) -> torch.dtype:
+        # Floating inputs are cast to the parameters' dtype (float64 data into a float32 model).
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def _check_sizes(self, batch: BagBatch) -> None:
+        sizes = batch.bag_sizes
+        if not isinstance(sizes, Tensor) or sizes.ndim != 1 or sizes.is_floating_point():
+            raise ShapeError("MILModel: batch.bag_sizes must be a 1-D integer tensor (B,) from collate_bags")
+        if sizes.shape[0] == 0:
+            raise ShapeError("MILModel: the batch is empty (B = 0); a batch needs at least one bag")
+        empty = (sizes < 1).nonzero().flatten().tolist()
+        if empty:
+            ids = [batch.ids[i] for i in empty if i < len(batch.ids)]
+            raise DataError(
+                f"MILModel: bags {ids or empty} have no instance (bag_sizes {sizes[empty].tolist()}); "
+                "every bag needs at least one instance"
+            )
+
     def _clinical(self, batch: BagBatch) -> Tensor | None:
         if not self.needs_clinical:
             return None
@@ -210,6 +228,7 @@ class MILModel(nn.Module):
             raise ShapeError(f"MILModel: batch.clinical has {clinical.shape[0]} rows for {len(batch)} bags")
         if not clinical.is_floating_point():
             raise ShapeError(f"MILModel: batch.clinical must be floating point, got {clinical.dtype}")
+        clinical = clinical.to(self._dtype())
         bad = ~torch.isfinite(clinical).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
@@ -241,6 +260,7 @@ class MILModel(nn.Module):
             raise ShapeError(f"MILModel: batch.instances must be images (T, C, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ShapeError(f"MILModel: batch.instances must be floating point, got {x.dtype}")
+        x = x.to(self._dtype())
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if not bool(finite.all()):
             bags = batch.bag_index.to(finite.device)[~finite].unique().tolist()
@@ -271,15 +291,20 @@ class MILModel(nn.Module):
         Raises
         ------
         ShapeError
-            Wrong rank, channels or feature size of ``batch.instances``, or a
-            missing or mis-sized ``batch.clinical``.
+            An empty batch, wrong rank, channels or feature size of
+            ``batch.instances``, or a missing or mis-sized ``batch.clinical``.
         DataError
-            NaN or inf in the instances or clinical attributes.
+            A bag without instances, or NaN or inf in the instances or
+            clinical attributes (checked after casting floating inputs to the
+            parameters' dtype).
+
+        All checks run before the encoder is called.
         """
         if not isinstance(batch, BagBatch):
             raise ShapeError(
                 f"MILModel: batch must be a BagBatch (from collate_bags), got {type(batch).__name__}"
             )
+        self._check_sizes(batch)
         instances = self._instances(batch) if self.uses_image else None
         clinical = self._clinical(batch)
         attention = instance_logits = None

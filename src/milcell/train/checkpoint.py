@@ -15,8 +15,9 @@ A checkpoint is a directory of three files:
     tensors and plain containers and is read with
     ``torch.load(..., weights_only=True)``, so a malicious file cannot run code.
 
-Every file is written to a temporary name and renamed into place, so a crash
-never leaves a half-written file. Files of one checkpoint carry the same
+Every file is written to a temporary name, and all three are renamed into
+place only once all are written, so a crash while writing leaves the previous
+checkpoint whole. Files of one checkpoint carry the same
 epoch, checked on load.
 
 Examples
@@ -33,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -255,15 +257,25 @@ def save_checkpoint(
     }
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        # State first, JSON last: the JSON's epoch is what a reader checks the others against.
-        with atomic_path(directory / STATE_NAME) as tmp:
-            torch.save(state, tmp)
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        for name in (STATE_NAME, WEIGHTS_NAME, META_NAME):  # temporary files left by a killed writer
+            for stale in directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        # All three files are written and synced under temporary names before any is renamed
+        # into place, so a crash while writing leaves the previous checkpoint whole. The
+        # renames run in reverse order of entry: state, weights, then the JSON, whose epoch
+        # is what a reader checks the others against.
+        with contextlib.ExitStack() as stack:
+            tmp_meta = stack.enter_context(atomic_path(directory / META_NAME))
+            tmp_weights = stack.enter_context(atomic_path(directory / WEIGHTS_NAME))
+            tmp_state = stack.enter_context(atomic_path(directory / STATE_NAME))
+            torch.save(state, tmp_state)
             safetensors.torch.save_model(
-                module, str(tmp), metadata={"epoch": str(int(epoch))}, force_contiguous=True
+                module, str(tmp_weights), metadata={"epoch": str(int(epoch))}, force_contiguous=True
             )
-        with atomic_path(directory / META_NAME) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            tmp_meta.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            for tmp in (tmp_state, tmp_weights, tmp_meta):
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
     except (OSError, RuntimeError, pickle.PicklingError) as exc:
         raise CheckpointError(f"could not write checkpoint {directory}: {exc}") from exc
     logger.debug("saved checkpoint %s (epoch %d)", directory, epoch)
@@ -371,9 +383,15 @@ def _read_state(file: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message advises weights_only=False: never pass that on; keep the one useful line.
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), None)
+        if reason is None:
+            raise CheckpointError(
+                f"training state {file} is truncated or corrupt (unreadable pickle)"
+            ) from exc
         raise CheckpointError(
             f"training state {file} was refused: it contains objects that are not plain tensors or "
-            f"containers (possibly malicious); nothing was executed. Detail: {exc}"
+            f"containers (possibly malicious); nothing was executed ({reason[:200]})"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise CheckpointError(f"training state {file} is truncated or corrupt: {exc}") from exc

@@ -676,9 +676,12 @@ class Trainer:
             "trainer_state": self._trainer_state(),
             "rng_state": capture_rng_state(generators),
         }
-        save_checkpoint(ckpt_dir / "last", self.model, **kwargs)
+        # ``best`` before ``last``: a crash between the two leaves ``last`` one epoch behind
+        # (that epoch is trained again on resume), never a ``last`` whose records name a
+        # best epoch that ``best`` does not hold.
         if improved:
             save_checkpoint(ckpt_dir / "best", self.model, **kwargs)
+        save_checkpoint(ckpt_dir / "last", self.model, **kwargs)
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :attr:`history` to ``path`` with :func:`write_history_csv`."""
