@@ -367,6 +367,16 @@ def set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def random_bags(sizes: Sequence[int], img: int, generator: torch.Generator) -> list[Any]:
+    """Bags of random ``(n, 3, img, img)`` images, one per size, labels alternating 0 / 1."""
+    from milcell.data.bag import Bag
+
+    return [
+        Bag(torch.rand(n, 3, img, img, generator=generator), label=i % 2, id=f"P{i:03d}")
+        for i, n in enumerate(sizes)
+    ]
+
+
 def lymphocytosis_sizes(n: int, generator: torch.Generator, low: int = 16, high: int = 198) -> list[int]:
     """``n`` bag sizes drawn uniformly in ``[low, high]`` (the lymphocytosis cohort's range)."""
     return torch.randint(low, high + 1, (n,), generator=generator).tolist()

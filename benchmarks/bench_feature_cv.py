@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from _harness import (
     compare,
     fmt_ratio,
@@ -27,10 +26,10 @@ from _harness import (
     new_report,
     parse,
     pick,
+    random_bags,
     set_seed,
 )
 
-from milcell.data.bag import Bag
 from milcell.nn.backbones import create_backbone
 from milcell.nn.model import create_mil_model
 from milcell.train.crossval import cross_validate, feature_subset
@@ -51,11 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch_size = 4
     device = args.device
 
-    labels = [i % 2 for i in range(n_bags)]
-    bags = [
-        Bag(torch.rand(n, 3, img, img, generator=gen), label=y, id=f"P{i:03d}")
-        for i, (n, y) in enumerate(zip(sizes, labels, strict=True))
-    ]
+    bags = random_bags(sizes, img, gen)
+    labels = [bag.label for bag in bags]
     backbone = create_backbone(name, trainable="head").to(device).eval()
     dim = backbone.num_features
     holder: dict[str, Any] = {}

@@ -28,11 +28,12 @@ from _harness import (
     new_report,
     parse,
     pick,
+    random_bags,
     set_seed,
     timing_rows,
 )
 
-from milcell.data.bag import Bag, collate_bags
+from milcell.data.bag import collate_bags
 from milcell.nn.model import create_mil_model, mil_loss
 
 
@@ -45,10 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = pick(args, lymphocytosis_sizes(2, gen), [24, 40], [3, 5])
     device = args.device
 
-    bags = [
-        Bag(torch.rand(n, 3, img, img, generator=gen), label=i % 2, id=f"P{i}") for i, n in enumerate(sizes)
-    ]
-    batch = collate_bags(bags).to(device)
+    batch = collate_bags(random_bags(sizes, img, gen)).to(device)
     model = create_mil_model(backbone, pooling="gated_attention", num_classes=2).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     losses: dict[str, float] = {}
