@@ -272,6 +272,29 @@ def test_demo_smoke_prints_the_table_and_writes_the_figures(
     assert len(results["models"]) == 3
 
 
+def test_demo_prints_the_table_before_drawing_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: the demo drew its figures before printing the table, so a plotting failure
+    # (matplotlib missing on a base install) lost six minutes of results.
+    import milcell._cli.demo as demo
+
+    record = {"patients_cross_validated": 3, "cells": 9, "models": {}, "figures": []}
+    result = demo.DemoResult("TABLE-LINE", record, [], [], (0.5,), (0.5,))
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, out: result)
+
+    def fail(result: object, out: Path) -> list[Path]:
+        from milcell.viz import MissingExtraError
+
+        raise MissingExtraError("no plotting here")
+
+    monkeypatch.setattr(demo, "write_demo_figures", fail)
+    assert main(["demo", "--smoke", "--output-dir", str(tmp_path / "d")]) == 2
+    captured = capsys.readouterr()
+    assert "TABLE-LINE" in captured.out
+    assert "no plotting here" in captured.err
+
+
 def test_extract_features_writes_a_reusable_cache(
     cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

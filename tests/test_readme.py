@@ -20,10 +20,14 @@ def test_readme_python_blocks_run() -> None:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
 
 
-def test_quickstart_has_two_commands_and_ci_runs_the_test_one() -> None:
+def test_quickstart_has_two_commands_and_ci_runs_both() -> None:
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = [b.strip() for b in re.findall(r"```bash\n(.*?)```", quickstart, flags=re.S)]
     assert len(commands) == 2
     assert commands[0].endswith("milcell demo")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci.splitlines()
+    # the first command, exactly as written, with the demo at smoke size (in its own clone and venv)
+    assert any(f"{commands[0]} --smoke" in line for line in ci.splitlines())
+    install = commands[0].split(" && milcell demo")[0]
+    assert "[" not in install, "the first command must work with the base install"

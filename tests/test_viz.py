@@ -469,7 +469,8 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch: pytest.MonkeyPatch) 
     ]
     for call in calls:
         with pytest.raises(
-            ImportError, match=r"milcell.viz needs matplotlib: pip install 'milcell\[viz\]'"
+            ImportError,
+            match=r"milcell.viz needs matplotlib \(a milcell dependency\): pip install 'milcell\[viz\]'",
         ) as info:
             call()
         assert isinstance(info.value, MilcellError)

@@ -401,23 +401,25 @@ def _cmd_info(cfg: dict[str, Any]) -> int:
 
 
 def _cmd_demo(cfg: dict[str, Any]) -> int:
-    from milcell._cli.demo import demo_sizes, run_demo
+    from milcell._cli.demo import demo_sizes, run_demo, write_demo_figures
 
     _check_model_names(cfg)
     sizes = demo_sizes(cfg)
     cfg = {**cfg, "augment": True, "max_instances": cfg.get("max_instances")}
     out = Path(cfg["output_dir"])
     start = time.perf_counter()
-    table, record = run_demo(cfg, out)
+    result = run_demo(cfg, out)
     save_config({**cfg, **{k: v for k, v in sizes.items()}}, out, "demo")
-    seconds = time.perf_counter() - start
+    record = result.record
     print(
         f"Synthetic lymphocytosis cohort: {record['patients_cross_validated']} training patients, "
         f"{record['cells']} cells of {sizes['image_size']} px; {sizes['folds']}-fold patient-level "
         f"cross-validation, {sizes['epochs']} epochs (mean ± std over folds)\n"
     )
-    print(table)
-    written = ", ".join([*record["figures"], "results.json", "config.yaml"])
+    print(result.table, flush=True)  # the table first: plotting comes after it
+    figures = write_demo_figures(result, out)
+    seconds = time.perf_counter() - start
+    written = ", ".join([*(p.name for p in figures), "results.json", "summary.txt", "config.yaml"])
     print(f"\nwrote {written} to {out}/ in {seconds:.0f} s")
     return 0
 

@@ -2,10 +2,9 @@
 
 Every function builds a :class:`matplotlib.figure.Figure` with the object API
 (no pyplot state, no window, nothing left open) and returns it; write it with
-:func:`save_figure`. matplotlib is the optional ``viz`` extra
-(``pip install 'milcell[viz]'``): it is imported only when a figure is drawn,
-so ``import milcell.viz`` always works and a missing matplotlib raises
-:class:`MissingExtraError` with the install command.
+:func:`save_figure`. matplotlib is a dependency of milcell, imported only
+when a figure is drawn (so ``import milcell`` stays light); where it has been
+removed, drawing raises :class:`MissingExtraError` with the install command.
 
 Examples
 --------
@@ -52,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger("milcell")
 
-_MISSING_MATPLOTLIB = "milcell.viz needs matplotlib: pip install 'milcell[viz]'"
+_MISSING_MATPLOTLIB = "milcell.viz needs matplotlib (a milcell dependency): pip install 'milcell[viz]'"
 _MEAN_FPR = np.linspace(0.0, 1.0, 201)
 _ROW_PREFIXES = ("train_", "val_", "valid_", "validation_", "test_")
 _LINESTYLES = {"train_": "-", "val_": "--", "valid_": "--", "validation_": "--", "test_": ":"}

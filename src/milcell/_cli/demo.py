@@ -16,6 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from milcell._utils import atomic_path
 from milcell.exceptions import ConfigError
 
-__all__ = ["SIZES", "demo_sizes", "run_demo"]
+__all__ = ["SIZES", "DemoResult", "demo_sizes", "run_demo", "write_demo_figures"]
 
 logger = logging.getLogger("milcell")
 
@@ -116,8 +117,24 @@ def _attention_figure(outcome: Any, bags: list[Any], path: Path, mean: Any, std:
     return save_figure(fig, path)
 
 
-def run_demo(cfg: Mapping[str, Any], out: Path) -> tuple[str, dict[str, Any]]:
-    """Run the demo into ``out``; return the printed table and the results record."""
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` computed: the table to print first, then what the figures need."""
+
+    table: str
+    record: dict[str, Any]
+    outcomes: list[Any]
+    bags: list[Any]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def run_demo(cfg: Mapping[str, Any], out: Path) -> DemoResult:
+    """Cross-validate the three demo models into ``out``; write the table, return it with the results.
+
+    The figures are a second step (:func:`write_demo_figures`), so the table is on screen (and in
+    ``summary.txt`` / ``results.json``) before any plotting happens.
+    """
     from milcell._cli.runs import (
         TABLE_METRICS,
         data_stats,
@@ -126,7 +143,6 @@ def run_demo(cfg: Mapping[str, Any], out: Path) -> tuple[str, dict[str, Any]]:
         make_transform,
         model_arguments,
         run_cross_validation,
-        save_figures,
     )
     from milcell.data.formats.dlmi import load_dlmi
     from milcell.data.synthetic import make_cohort
@@ -174,21 +190,35 @@ def run_demo(cfg: Mapping[str, Any], out: Path) -> tuple[str, dict[str, Any]]:
         outcomes.append(outcome)
         logger.info("%s: balanced accuracy %s", name, outcome.result.summary.get("balanced_accuracy"))
     table = format_table({o.name: o.result.summary for o in outcomes}, TABLE_METRICS)
-    figures = save_figures(outcomes, out, binary=True)
-    montage = _attention_figure(outcomes[0], bags, out / "attention_montage.png", mean, std)
-    if montage is not None:
-        figures.append(montage)
-    seconds = time.perf_counter() - start
     record = {
         "sizes": sizes,
         "patients_cross_validated": len(samples),
         "cells": int(sum(len(b) for b in bags)),
-        "seconds": round(seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
         "models": {o.name: {k: list(v) for k, v in o.result.summary.items()} for o in outcomes},
-        "figures": [p.name for p in figures],
+        "figures": [],
     }
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _write_results(out, record)
     with atomic_path(out / "summary.txt") as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
-    return table, record
+    return DemoResult(table, record, outcomes, bags, tuple(mean), tuple(std))
+
+
+def write_demo_figures(result: DemoResult, out: Path) -> list[Path]:
+    """Write the ROC curves, training curves and attention montage; list them in ``results.json``."""
+    from milcell._cli.runs import save_figures
+
+    figures = save_figures(result.outcomes, out, binary=True)
+    montage = _attention_figure(
+        result.outcomes[0], result.bags, out / "attention_montage.png", result.mean, result.std
+    )
+    if montage is not None:
+        figures.append(montage)
+    result.record["figures"] = [p.name for p in figures]
+    _write_results(out, result.record)
+    return figures
+
+
+def _write_results(out: Path, record: dict[str, Any]) -> None:
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
