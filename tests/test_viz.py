@@ -111,7 +111,8 @@ def test_plot_roc_legend_reports_fold_and_mean_auc() -> None:
     aucs = [roc_auc_score(y, s) for y, s in folds]
     legend = _legend(fig)
     assert legend[:4] == [f"fold {i + 1} (AUC = {a:.2f})" for i, a in enumerate(aucs)]
-    assert legend[4] == f"mean (AUC = {np.mean(aucs):.2f} ± {np.std(aucs):.2f})"
+    # sample std (ddof=1), the same as the cross-validation table (regression: the legend used ddof=0)
+    assert legend[4] == f"mean (AUC = {np.mean(aucs):.2f} ± {np.std(aucs, ddof=1):.2f})"
     assert "chance" in legend
 
 
@@ -171,7 +172,7 @@ def test_plot_roc_comparison_single_and_folds() -> None:
 
 def test_plot_roc_comparison_two_folds_of_two_samples_is_not_a_pair() -> None:
     folds = [([0, 1], [0.2, 0.8]), ([1, 0], [0.3, 0.6])]
-    assert _legend(plot_roc_comparison({"m": folds}))[0] == "m (AUC = 0.50 ± 0.50)"
+    assert _legend(plot_roc_comparison({"m": folds}))[0] == "m (AUC = 0.50 ± 0.71)"  # ddof=1
 
 
 @pytest.mark.parametrize(
@@ -204,6 +205,19 @@ def test_training_curves_from_csv(tmp_path: Path) -> None:
     assert list(val_loss.get_xdata()) == [2, 4, 6]  # empty cells skipped, not drawn as gaps
     assert val_loss.get_linestyle() == "--" and loss.lines[0].get_linestyle() == "-"
     assert lr.get_yscale() == "log"
+
+
+def test_training_curves_draw_confusion_counts_on_their_own_axis() -> None:
+    # Regression: tp/fp/tn/fn counts (tens) were drawn on the same axis as rates in [0, 1].
+    rows = [
+        {"epoch": e, "val_auc": 0.6 + e / 20, "val_tp": 10 + e, "val_fn": 5 - e, "val_n_samples": 40}
+        for e in range(1, 4)
+    ]
+    fig = plot_training_curves(rows)
+    assert [a.get_title() for a in fig.axes] == ["Metrics", "Counts"]
+    metrics, counts = fig.axes
+    assert [line.get_label() for line in metrics.lines] == ["val_auc"]
+    assert [line.get_label() for line in counts.lines] == ["val_tp", "val_fn", "val_n_samples"]
 
 
 def test_training_curves_share_colour_across_prefixes() -> None:

@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -131,7 +131,11 @@ def _check_pair(entry: Any, where: str) -> tuple[Any, Any]:
 def _mean_roc(
     folds: Sequence[tuple[np.ndarray, np.ndarray, float]],
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Mean TPR (and its std) on the common FPR grid; mean and std of the fold AUCs."""
+    """Mean TPR (and its std) on the common FPR grid; mean and std of the fold AUCs.
+
+    Standard deviations are sample ones (``ddof=1``), as in the cross-validation table
+    (:func:`milcell.metrics.summarize_folds`), so the legend and the table agree.
+    """
     tprs = []
     for fpr, tpr, _ in folds:
         interp = np.interp(_MEAN_FPR, fpr, tpr)
@@ -141,7 +145,7 @@ def _mean_roc(
     mean_tpr = stack.mean(axis=0)
     mean_tpr[-1] = 1.0
     aucs = np.array([a for _, _, a in folds])
-    return mean_tpr, stack.std(axis=0), float(aucs.mean()), float(aucs.std())
+    return mean_tpr, stack.std(axis=0, ddof=1), float(aucs.mean()), float(aucs.std(ddof=1))
 
 
 def _roc_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -210,7 +214,7 @@ def plot_roc(
     --------
     >>> fig = plot_roc([([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), ([0, 1, 0, 1], [0.2, 0.9, 0.3, 0.7])])
     >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    ['fold 1 (AUC = 0.75)', 'fold 2 (AUC = 1.00)', 'mean (AUC = 0.88 ± 0.12)', '± 1 std', 'chance']
+    ['fold 1 (AUC = 0.75)', 'fold 2 (AUC = 1.00)', 'mean (AUC = 0.88 ± 0.18)', '± 1 std', 'chance']
     """
     if isinstance(curves, Mapping) or not isinstance(curves, Sequence) or len(curves) == 0:
         raise DataError("curves must be a non-empty sequence of (y_true, y_score) pairs, one per fold")
@@ -398,7 +402,7 @@ def _read_log(
         rows = [{(k or "").strip(): v for k, v in row.items()} for row in rows]
     elif isinstance(log, Sequence):
         where = "training log (list of rows)"
-        rows = list(log)
+        rows = list(cast("Sequence[Mapping[str, Any]]", log))
         if not all(isinstance(r, Mapping) for r in rows):
             raise DataError(f"{where}: every row must be a mapping of column name to value")
         if rows and not any("epoch" in r for r in rows):
@@ -419,6 +423,15 @@ def _is_auxiliary(column: str) -> bool:
 def _is_lr(column: str) -> bool:
     lower = column.lower()
     return lower == "lr" or lower.startswith("lr_") or lower.startswith("lr/") or "learning_rate" in lower
+
+
+#: Confusion counts and sample counts: drawn on their own axis, never beside rates in [0, 1].
+_COUNT_NAMES = frozenset({"tp", "fp", "tn", "fn", "support", "samples"})
+
+
+def _is_count(column: str) -> bool:
+    base = _split_name(column)[0].lower()
+    return base in _COUNT_NAMES or base.startswith("n_")
 
 
 def _split_name(column: str) -> tuple[str, str]:
@@ -513,7 +526,8 @@ def plot_training_curves(
             series[column] = arr
     groups = {
         "Loss": [c for c in series if "loss" in c.lower()],
-        "Metrics": [c for c in series if "loss" not in c.lower() and not _is_lr(c)],
+        "Metrics": [c for c in series if "loss" not in c.lower() and not _is_lr(c) and not _is_count(c)],
+        "Counts": [c for c in series if "loss" not in c.lower() and _is_count(c)],
         "Learning rate": [c for c in series if _is_lr(c)],
     }
     groups = {k: v for k, v in groups.items() if v}
@@ -542,8 +556,8 @@ def plot_training_curves(
                 label=column,
             )
         if panel == "Learning rate":
-            values = np.concatenate([series[c][np.isfinite(series[c])] for c in names])
-            if values.min() > 0 and values.max() / values.min() >= 10:
+            lrs = np.concatenate([series[c][np.isfinite(series[c])] for c in names])
+            if lrs.min() > 0 and lrs.max() / lrs.min() >= 10:
                 ax.set_yscale("log")
         ax.set_title(panel)
         ax.set_xlabel("epoch")

@@ -190,11 +190,17 @@ def test_dob_after_reference_date(tmp_path: Path) -> None:
         load_dlmi(tmp_path)
 
 
-@pytest.mark.parametrize("count", ["abc", "-1", "inf", "nan"])
+@pytest.mark.parametrize("count", ["abc", "-1", "inf", "nan", "22_58", "0x1A", "1,5"])
 def test_bad_lymph_count(tmp_path: Path, count: str) -> None:
     write_split(tmp_path, [["P1", "1", "M", "1/1/1950", count]])
     with pytest.raises(DataError, match=r"patient 'P1': LYMPH_COUNT"):
         load_dlmi(tmp_path)
+
+
+@pytest.mark.parametrize(("count", "value"), [("12", 12.0), (" 3.5 ", 3.5), ("1e-05", 1e-05), (".5", 0.5)])
+def test_decimal_lymph_counts_parse(tmp_path: Path, count: str, value: float) -> None:
+    write_split(tmp_path, [["P1", "1", "M", "1/1/1950", count]])
+    assert load_dlmi(tmp_path)[0].clinical[1] == pytest.approx(value)
 
 
 def test_duplicate_patient_id(tmp_path: Path) -> None:

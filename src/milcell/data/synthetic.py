@@ -55,7 +55,7 @@ import os
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -85,21 +85,33 @@ _REFERENCE = date(2020, 1, 1)  # the dlmi loader's default reference date
 # Colours (RGB in [0, 1]) of a May-Grünwald-Giemsa-like stain.
 _PLASMA = np.array([0.93, 0.87, 0.87], dtype=np.float32)
 _RBC = np.array([0.88, 0.62, 0.65], dtype=np.float32)
+
+
+class _Style(NamedTuple):
+    """Radius (mean, sd), N/C ratio (mean, sd), irregularity, notch depth, nucleus and cytoplasm colour."""
+
+    r: tuple[float, float]
+    nc: tuple[float, float]
+    irr: float
+    notch: float
+    nuc: tuple[float, float, float]
+    cyto: tuple[float, float, float]
+
+
 # fmt: off
-_CELL_STYLE: dict[str, dict[str, object]] = {
-    # radius (mean, sd), N/C ratio (mean, sd), irregularity, notch depth, nucleus and cytoplasm colour
-    "normal": dict(r=(0.36, 0.04), nc=(0.74, 0.05), irr=0.035, notch=0.0,
-                   nuc=(0.42, 0.27, 0.56), cyto=(0.70, 0.74, 0.90)),
-    "atypical": dict(r=(0.43, 0.05), nc=(0.82, 0.05), irr=0.08, notch=0.3,
-                     nuc=(0.33, 0.22, 0.55), cyto=(0.60, 0.66, 0.88)),
-    "monocyte": dict(r=(0.50, 0.04), nc=(0.62, 0.05), irr=0.04, notch=0.45,
-                     nuc=(0.52, 0.38, 0.64), cyto=(0.74, 0.74, 0.85)),
-    "neutrophil": dict(r=(0.44, 0.03), nc=(0.30, 0.03), irr=0.0, notch=0.0,
-                       nuc=(0.42, 0.24, 0.52), cyto=(0.87, 0.80, 0.84)),
-    "eosinophil": dict(r=(0.46, 0.03), nc=(0.34, 0.03), irr=0.0, notch=0.0,
-                       nuc=(0.40, 0.25, 0.52), cyto=(0.93, 0.58, 0.45)),
-    "basophil": dict(r=(0.40, 0.03), nc=(0.62, 0.05), irr=0.06, notch=0.0,
-                     nuc=(0.36, 0.22, 0.52), cyto=(0.66, 0.55, 0.78)),
+_CELL_STYLE: dict[str, _Style] = {
+    "normal": _Style(r=(0.36, 0.04), nc=(0.74, 0.05), irr=0.035, notch=0.0,
+                     nuc=(0.42, 0.27, 0.56), cyto=(0.70, 0.74, 0.90)),
+    "atypical": _Style(r=(0.43, 0.05), nc=(0.82, 0.05), irr=0.08, notch=0.3,
+                       nuc=(0.33, 0.22, 0.55), cyto=(0.60, 0.66, 0.88)),
+    "monocyte": _Style(r=(0.50, 0.04), nc=(0.62, 0.05), irr=0.04, notch=0.45,
+                       nuc=(0.52, 0.38, 0.64), cyto=(0.74, 0.74, 0.85)),
+    "neutrophil": _Style(r=(0.44, 0.03), nc=(0.30, 0.03), irr=0.0, notch=0.0,
+                         nuc=(0.42, 0.24, 0.52), cyto=(0.87, 0.80, 0.84)),
+    "eosinophil": _Style(r=(0.46, 0.03), nc=(0.34, 0.03), irr=0.0, notch=0.0,
+                         nuc=(0.40, 0.25, 0.52), cyto=(0.93, 0.58, 0.45)),
+    "basophil": _Style(r=(0.40, 0.03), nc=(0.62, 0.05), irr=0.06, notch=0.0,
+                       nuc=(0.36, 0.22, 0.52), cyto=(0.66, 0.55, 0.78)),
 }
 # fmt: on
 _CELL_STYLE["lymphocyte"] = _CELL_STYLE["normal"]
@@ -284,10 +296,10 @@ def render_cell(
     if off_centre > 0:
         shift += rng.uniform(-off_centre, off_centre, 2)
     cx, cy = float(shift[0]), float(shift[1])
-    r_mean, r_sd = style["r"]  # type: ignore[misc]
+    r_mean, r_sd = style.r
     radius = float(np.clip(rng.normal(r_mean, r_sd), 0.2, 0.75))
     cell = _blob(rng, x, y, cx, cy, radius, 0.03, 0.0, edge)
-    cyto = np.asarray(style["cyto"]) + rng.normal(0, 0.03, 3)
+    cyto = np.asarray(style.cyto) + rng.normal(0, 0.03, 3)
     cyto_tex = (0.03 * _waves(rng, x, y, 12.0))[..., None]
     if kind == "eosinophil":  # coarse orange granules
         grains = (rng.random((size, size), dtype=np.float32) < 0.35).astype(np.float32)
@@ -300,7 +312,7 @@ def render_cell(
             cyto_tex = cyto_tex + 0.12 * vac[..., None]
     img = _paint(img, cell, cyto + cyto_tex)
 
-    nc_mean, nc_sd = style["nc"]  # type: ignore[misc]
+    nc_mean, nc_sd = style.nc
     n_radius = radius * float(np.clip(rng.normal(nc_mean, nc_sd), 0.2, 0.95))
     if kind in _LOBES:
         lo, hi = _LOBES[kind]
@@ -315,10 +327,10 @@ def render_cell(
         off = rng.normal(0.0, 0.06 * radius, 2)
         if kind == "monocyte":
             off += 0.25 * radius * rng.uniform(-1, 1, 2)
-        irr, notch = float(style["irr"]), float(style["notch"])  # type: ignore[arg-type]
+        irr, notch = style.irr, style.notch
         nucleus = _blob(rng, x, y, cx + off[0], cy + off[1], n_radius, irr, notch, edge)
     nucleus = nucleus * cell
-    nuc = np.asarray(style["nuc"]) + rng.normal(0, 0.035, 3)
+    nuc = np.asarray(style.nuc) + rng.normal(0, 0.035, 3)
     chromatin = (0.06 * _waves(rng, x, y, 18.0 if kind == "atypical" else 10.0))[..., None]
     img = _paint(img, nucleus, nuc + chromatin)
     if kind == "basophil":  # dark granules over nucleus and cytoplasm
@@ -328,7 +340,7 @@ def render_cell(
     # stain variation (per-channel gain on optical density), sensor noise
     gains = np.ones(3) if stain is None else np.asarray(stain, dtype=np.float64)
     gains = (gains * (1 + rng.normal(0, 0.03, 3))).astype(np.float32)
-    img = 1.0 - (1.0 - np.clip(img, 0.0, 1.0)) * gains
+    img = (1.0 - (1.0 - np.clip(img, 0.0, 1.0)) * gains).astype(np.float32, copy=False)
     img += 0.012 * rng.standard_normal(img.shape, dtype=np.float32)
     if segmented:
         img *= (cell > 0.5)[..., None]

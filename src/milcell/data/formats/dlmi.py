@@ -135,6 +135,9 @@ def _where(csv_path: Path, row: Row, patient: str | None = None) -> str:
     return f"'{csv_path}', line {row.line}{who}"
 
 
+_PLAIN_DECIMAL = re.compile(r"\s*\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
+
+
 def _parse_row(csv_path: Path, row: Row, reference: date) -> tuple[str, int, tuple[float, float, float]]:
     pid = row["ID"]
     if pid == "":
@@ -172,10 +175,9 @@ def _parse_row(csv_path: Path, row: Row, reference: date) -> tuple[str, int, tup
     if count_text == "":
         count = math.nan
     else:
-        try:
-            count = float(count_text)
-        except ValueError:
-            count = math.nan
+        # decimal numbers only ("12", "3.5", "1e-05"): Python's float() also reads "22_58" (as 2258),
+        # "inf", "nan" and " 1_0.5", none of which a laboratory export means
+        count = float(count_text) if _PLAIN_DECIMAL.fullmatch(count_text) else math.nan
         if not math.isfinite(count) or count < 0:
             raise DataError(
                 f"{_where(csv_path, row, pid)}: LYMPH_COUNT {count_text!r} is not a non-negative number"
