@@ -11,6 +11,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The value checks (NaN/inf, empty bags, labels: milcell.checks) are off by default because they
+# sync with the device; the suite runs with them on. tests/nn/test_host_sync.py turns them off.
+os.environ.setdefault("MILCELL_CHECKS", "1")
 
 import pytest
 import torch

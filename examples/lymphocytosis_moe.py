@@ -56,6 +56,7 @@ from milcell.data.synthetic import make_cohort
 from milcell.metrics import format_mean_std
 from milcell.nn.backbones import create_backbone
 from milcell.nn.model import MILModel, create_mil_model
+from milcell.runs import fold_datasets
 from milcell.train.crossval import cross_validate, feature_subset
 from milcell.train.features import extract_features
 
@@ -269,14 +270,20 @@ def main() -> None:
     }
 
     def on_images(fold: Fold) -> tuple[Any, Any]:
-        scaler = scaled(fold)
-        train_tf = build_transforms(data_config, train=True, hflip=True, vflip=True, rotation=180.0)
-        return (
-            BagDataset(cohort.subset(fold.train), train_tf, clinical_scaler=scaler),
-            BagDataset(
-                cohort.subset(fold.val), build_transforms(data_config, train=False), clinical_scaler=scaler
-            ),
+        # flips and rotations up to 180 degrees; min-max clinical scaling fitted on the training fold
+        train_ds, val_ds, _ = fold_datasets(
+            cohort,
+            fold.train,
+            fold.val,
+            image_size=cfg["img_size"],
+            mean=data_config["mean"],
+            std=data_config["std"],
+            interpolation=data_config["interpolation"],
+            rotation=180.0,
+            seed=args.seed,
+            clinical_scaling="minmax",
         )
+        return train_ds, val_ds
 
     rows.append(
         run(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from _common import make_parser, setup
 
-from milcell.data import BagDataset, build_transforms, patient_holdout
+from milcell.data import patient_holdout
 from milcell.data.formats.dlmi import load_dlmi
 from milcell.data.synthetic import make_cohort
 from milcell.nn.backbones import create_backbone
@@ -22,6 +22,7 @@ from milcell.nn.encoder import InstanceEncoder
 from milcell.nn.fusion import create_fusion
 from milcell.nn.model import MILModel
 from milcell.nn.pooling import create_pooling
+from milcell.runs import Preprocessing, fold_datasets
 from milcell.train import Trainer, make_loader
 
 args = make_parser(__doc__).parse_args()  # --smoke, --output-dir, --seed, --device, ...
@@ -33,14 +34,14 @@ if not root.exists():
     make_cohort(root, n_patients=profile.pick(16, 60, 120), seed=args.seed, image_size=32)
 cohort = load_dlmi(root, split="train")  # BagCohort: one record per patient, clinical attributes raw
 
-# 2. Split by patient; scale the clinical attributes with training statistics only.
+# 2. Split by patient. fold_datasets resizes to 32 px, normalises with the backbone's own statistics,
+#    augments the training bags (flips, rotations) and scales the clinical attributes with training
+#    statistics only.
 split = patient_holdout(cohort, test_size=0.25, seed=args.seed)
-scaler = cohort.fit_scaler(split.train)
-config = {"input_size": (3, 32, 32)}  # image size (ImageNet mean/std by default)
-train_ds = BagDataset(
-    cohort.subset(split.train), build_transforms(config, train=True), clinical_scaler=scaler
+prep = Preprocessing.from_backbone("milcell_mini_resnet_k8", image_size=32)
+train_ds, val_ds, scaler = fold_datasets(
+    cohort, split.train, split.val, image_size=32, mean=prep.mean, std=prep.std, seed=args.seed
 )
-val_ds = BagDataset(cohort.subset(split.val), build_transforms(config, train=False), clinical_scaler=scaler)
 
 # 3. Model from parts: cells (T, 3, 32, 32) -> features (T, D) -> bag embedding (B, D) -> logits (B, 2).
 backbone = create_backbone("milcell_mini_resnet_k8")  # any timm name works, e.g. "resnet18"

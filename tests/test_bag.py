@@ -160,3 +160,45 @@ def test_pad_wrong_rows() -> None:
         batch.pad(torch.rand(4, 3))
     with pytest.raises(ShapeError, match="unpad"):
         batch.unpad(torch.rand(2, 4, 3))
+
+
+# --- host-side sizes: padding without reading a device tensor ----------------------
+
+
+def test_sizes_are_kept_on_the_host_and_travel_with_the_batch() -> None:
+    from dataclasses import replace
+
+    batch = collate_bags(_bags([2, 5, 1]))
+    assert batch.sizes == (2, 5, 1) and all(type(n) is int for n in batch.sizes)
+    moved = batch.to("cpu", dtype=torch.float64)
+    assert "sizes" in moved.__dict__ and moved.sizes == (2, 5, 1)  # carried, not re-read
+    # a batch made by hand, or with replace(), reads its sizes from bag_sizes once
+    assert replace(batch, bag_sizes=torch.tensor([3, 4, 1])).sizes == (3, 4, 1)
+    manual = BagBatch(batch.instances, torch.tensor([2, 5, 1]), batch.labels)
+    assert manual.sizes == (2, 5, 1) and manual.max_bag_size == 5
+
+
+def test_layout_reads_no_tensor_value_on_the_host() -> None:
+    from tests.nn.test_host_sync import no_host_reads
+
+    batch = collate_bags(_bags([2, 5, 1]))
+    values = torch.arange(8.0, requires_grad=True)
+    with no_host_reads():
+        padded = batch.pad(values, fill=-1.0)
+        back = batch.unpad(padded)
+        pieces = batch.split(values)
+        index = batch.bag_index
+        padded.sum().backward()
+    assert padded.tolist() == [[0, 1, -1, -1, -1], [2, 3, 4, 5, 6], [7, -1, -1, -1, -1]]
+    assert torch.equal(back, values.detach()) and [len(p) for p in pieces] == [2, 5, 1]
+    assert index.tolist() == [0, 0, 1, 1, 1, 1, 1, 2]
+
+
+def test_label_accepts_integer_scalars_and_refuses_the_rest() -> None:
+    import numpy as np
+
+    assert type(Bag(torch.rand(1, 2), np.int64(1)).label) is int
+    assert Bag(torch.rand(1, 2), torch.tensor(1)).label == 1
+    for bad in (1.5, "1", True, torch.tensor(1.0)):
+        with pytest.raises(DataError, match=r"bag 'A': label must be an integer >= -1, got"):
+            Bag(torch.rand(1, 2), bad, id="A")  # type: ignore[arg-type]

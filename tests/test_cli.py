@@ -151,6 +151,36 @@ def test_train_and_predict_single_cell_layouts(
     assert all(r["predicted"] in record["class_names"] for r in rows)
 
 
+def test_train_normalises_with_the_backbones_own_statistics(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: every backbone was normalised with ImageNet statistics, whatever timm's configuration
+    # of its weights says (mean = std = 0.5 for timm's test_resnet, as for vit_base_patch16_224).
+    from milcell.runs import load_run
+
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(cohorts["dlmi"]), "--format", "dlmi", "--image-size", "32"]
+    assert main([*args, *FAST, "--backbone", "test_resnet", "--output-dir", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["mean"] == [0.5, 0.5, 0.5] and record["std"] == [0.5, 0.5, 0.5]
+    assert record["backbone_data_config"]["mean"] == [0.5, 0.5, 0.5]
+    assert load_run(out).preprocessing.mean == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.slow
+def test_cache_images_changes_nothing_but_speed(
+    dlmi_run: Path, cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: --cache-images replaced the rotations up to 180 degrees by quarter turns.
+    out = tmp_path / "cached"
+    args = ["train", "--data-dir", str(cohorts["dlmi"]), "--format", "dlmi", "--image-size", "32"]
+    assert main([*args, *FAST, "--output-dir", str(out), "--cache-images"]) == 0
+    cached = json.loads((out / "run.json").read_text())
+    plain = json.loads((dlmi_run / "run.json").read_text())
+    assert json.dumps(cached["summary"]) == json.dumps(plain["summary"])  # same seed on the CPU: same numbers
+    assert (out / "oof_predictions.csv").read_text() == (dlmi_run / "oof_predictions.csv").read_text()
+
+
 # --------------------------------------------------------------------------- configuration files
 
 

@@ -348,10 +348,13 @@ def _check_fusion(cfg: dict[str, Any]) -> None:
     fusion = cfg.get("fusion")
     if fusion in (None, "linear"):
         return
-    if cfg.get("pooling") == "instance_mean":
+    from milcell.runs import _prediction_level
+
+    pooling = cfg.get("pooling")
+    if pooling is not None and _prediction_level(pooling):
         raise ConfigError(
-            f"--fusion {fusion} cannot be used with --pooling instance_mean: that pooling outputs the class "
-            "scores itself (its clinical input is per-instance concatenation); drop --fusion"
+            f"--fusion {fusion} cannot be used with --pooling {pooling}: that pooling outputs the class "
+            "scores itself (prediction-level; clinical attributes go in per instance); drop --fusion"
         )
     if cfg.get("format") in ("cnmc", "imagefolder"):
         raise ConfigError(
@@ -425,7 +428,7 @@ def _cmd_demo(cfg: dict[str, Any]) -> int:
 
 
 def _cmd_train(cfg: dict[str, Any]) -> int:
-    from milcell._cli.runs import train_run
+    from milcell._cli.runs import train_command
 
     _require(cfg, "data_dir", "format")
     _check_model_names(cfg)
@@ -435,23 +438,23 @@ def _cmd_train(cfg: dict[str, Any]) -> int:
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "train")
-    table, record = train_run(cfg, out)
+    run = train_command(cfg, out)
     print(
         f"{cfg['folds']}-fold patient-level cross-validation on {cfg['data_dir']} (mean ± std over folds)\n"
     )
-    print(table)
-    print(f"\nsaved {len(record['models'])} fold models, metrics and figures to {out}/")
+    print(run.table())
+    print(f"\nsaved {len(run.models)} fold models, metrics and figures to {out}/")
     return 0
 
 
 def _cmd_evaluate(cfg: dict[str, Any]) -> int:
     import json
 
-    from milcell._cli.runs import evaluate_run
+    from milcell._cli.runs import evaluate_command
     from milcell._utils import atomic_path
 
     _require(cfg, "run")
-    table, result = evaluate_run(cfg)
+    table, result = evaluate_command(cfg)
     target = Path(cfg.get("output") or Path(cfg["run"]) / "evaluation.json")
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -462,19 +465,20 @@ def _cmd_evaluate(cfg: dict[str, Any]) -> int:
 
 
 def _cmd_predict(cfg: dict[str, Any]) -> int:
-    from milcell._cli.runs import predict_run
+    from milcell._cli.runs import predict_command
 
     _require(cfg, "run")
-    target, n = predict_run(cfg)
+    target, n = predict_command(cfg)
     print(f"wrote predictions for {n} samples to {target}")
     return 0
 
 
 def _cmd_extract_features(cfg: dict[str, Any]) -> int:
-    from milcell._cli.runs import load_samples, make_transform, resolve_device
+    from milcell._cli.runs import resolve_device
     from milcell.data.datasets import BagDataset, InstanceDataset
     from milcell.data.records import BagCohort
     from milcell.nn.backbones import create_backbone
+    from milcell.runs import Preprocessing, load_samples
     from milcell.train.features import extract_features
 
     _require(cfg, "data_dir", "format")
@@ -485,8 +489,7 @@ def _cmd_extract_features(cfg: dict[str, Any]) -> int:
         checkpoint_path=cfg.get("checkpoint_path"),
         trainable="head",
     )
-    cfg_data = backbone.data_config
-    transform = make_transform(cfg["image_size"], cfg_data["mean"], cfg_data["std"], train=False)
+    transform = Preprocessing.from_data_config(backbone.data_config, cfg["image_size"]).transform(train=False)
     dataset = (
         BagDataset(samples, transform=transform)
         if isinstance(samples, BagCohort)

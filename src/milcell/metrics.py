@@ -35,16 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    recall_score,
-    roc_auc_score,
-)
 
 from milcell.exceptions import ConfigError, DataError
 
@@ -160,6 +150,8 @@ def _auc_or_nan(y: np.ndarray, score: np.ndarray, quiet: bool, what: str = "AUC"
         if not quiet:
             logger.warning("%s is undefined: only one class is present among the labels; reporting nan", what)
         return math.nan
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, score))
 
 
@@ -239,6 +231,13 @@ class BinaryReport:
 
 
 def _binary_scalars(y: np.ndarray, score: np.ndarray, threshold: float, quiet: bool) -> dict[str, float]:
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        precision_recall_fscore_support,
+    )
+
     pred = (score >= threshold).astype(np.int64)
     # Per-class precision and recall: index 1 = positive class, index 0 = negative class.
     precision, recall, fscore, _ = precision_recall_fscore_support(
@@ -330,6 +329,8 @@ def binary_report(
     y = _as_labels(y_true, 2, score.shape[0])
     y, score, n_unlabelled = _split_unlabelled(y, score)
     values = _binary_scalars(y, score, float(threshold), quiet=False)
+    from sklearn.metrics import confusion_matrix
+
     cm = confusion_matrix(y, (score >= threshold).astype(np.int64), labels=[0, 1])
     intervals: dict[str, tuple[float, float]] = {}
     if n_bootstrap:
@@ -421,6 +422,8 @@ class MulticlassReport:
 
 
 def _ovr_aucs(y: np.ndarray, prob: np.ndarray, quiet: bool) -> np.ndarray:
+    from sklearn.metrics import roc_auc_score
+
     aucs = np.full(prob.shape[1], np.nan)
     missing = []
     for k in range(prob.shape[1]):
@@ -439,6 +442,14 @@ def _ovr_aucs(y: np.ndarray, prob: np.ndarray, quiet: bool) -> np.ndarray:
 def _multiclass_scalars(
     y: np.ndarray, prob: np.ndarray, quiet: bool
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        f1_score,
+        recall_score,
+    )
+
     labels = list(range(prob.shape[1]))
     pred = prob.argmax(axis=1)
     with warnings.catch_warnings():
@@ -525,6 +536,8 @@ def multiclass_report(
     y = _as_labels(y_true, n_classes, prob.shape[0])
     y, prob, n_unlabelled = _split_unlabelled(y, prob)
     values, recall, aucs = _multiclass_scalars(y, prob, quiet=False)
+    from sklearn.metrics import confusion_matrix
+
     cm = confusion_matrix(y, prob.argmax(axis=1), labels=list(range(n_classes)))
     intervals: dict[str, tuple[float, float]] = {}
     if n_bootstrap:

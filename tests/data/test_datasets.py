@@ -11,12 +11,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from milcell.data import BagCohort, BagRecord, CellRecord, CellSet, collate_bags
 from milcell.data.datasets import (
     BagDataset,
     FeatureBagDataset,
+    ImageCache,
     InstanceDataset,
     group_cells_by_patient,
     select_instances,
@@ -420,6 +422,17 @@ def test_instance_dataset_apply_mask(cells: CellSet) -> None:
     )
 
 
+def test_instance_dataset_accepts_zero_one_masks(cells: CellSet, tmp_path: Path) -> None:
+    # Regression: a {0, 1} mask was divided by 255, blacking out the whole cell.
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(1, (0, 0, SIZE // 2, SIZE))
+    mask.save(tmp_path / "01.png")
+    record = cells[0]
+    ones = CellSet([CellRecord(record.path, 1, "p1", mask_path=tmp_path / "01.png")], root=tmp_path)
+    expected = InstanceDataset(cells, apply_mask=True)[0].instances
+    assert torch.equal(InstanceDataset(ones, apply_mask=True)[0].instances, expected)
+
+
 def test_instance_dataset_bad_inputs(cells: CellSet, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cells must be a CellSet"):
         InstanceDataset(list(cells))  # type: ignore[arg-type]
@@ -447,3 +460,144 @@ def test_group_cells_by_patient(cells: CellSet) -> None:
         group_cells_by_patient(mixed, on_conflict="min")  # type: ignore[arg-type]
     with pytest.raises(DataError, match="the cell set is empty"):
         group_cells_by_patient(CellSet([]))
+
+
+# --------------------------------------------------------------------------- in-memory image cache
+
+
+def _noisy_cohort(tmp_path: Path) -> BagCohort:
+    """Images with structure, so that flips and rotations change them."""
+    rng = np.random.default_rng(0)
+    records = []
+    for p, n in enumerate([3, 6, 9, 5]):
+        folder = tmp_path / f"Q{p}"
+        folder.mkdir(parents=True)
+        paths = []
+        for i in range(n):
+            path = folder / f"{i:03d}.png"
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE + 4, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+        records.append(BagRecord(f"Q{p}", p % 2, tuple(paths), (float(p),)))
+    return BagCohort(records, clinical_names=("age",), root=tmp_path)
+
+
+def test_cached_bag_dataset_serves_the_same_augmented_bags_without_reading_files(tmp_path: Path) -> None:
+    cohort = _noisy_cohort(tmp_path)
+    transform = build_transforms({"input_size": (3, SIZE, SIZE)}, train=True)  # flips + rotation to 180
+    plain = BagDataset(cohort, transform, max_instances=4, train=True, seed=1)
+    cached = BagDataset(cohort, transform, max_instances=4, train=True, seed=1, cache_images=True)
+    expected = []
+    for index in range(len(cohort)):
+        torch.manual_seed(index)
+        expected.append(plain[index])
+    cached.preload()
+    assert cached.image_cache is not None and len(cached.image_cache) == 23
+    assert cached.image_cache.nbytes == 23 * SIZE * (SIZE + 4) * 3  # decoded uint8, before any resize
+    for path in tmp_path.glob("Q*/*.png"):
+        path.unlink()  # everything comes from memory now
+    for index in range(len(cohort)):
+        for _ in range(2):
+            torch.manual_seed(index)  # same seed: the same random flips and rotations, cached or not
+            bag = cached[index]
+            assert bag.instance_names == expected[index].instance_names
+            torch.testing.assert_close(bag.instances, expected[index].instances, rtol=0, atol=0)
+    torch.manual_seed(0)
+    first = cached[1].instances
+    torch.manual_seed(1)
+    assert not torch.equal(first, cached[1].instances)  # augmentation is still drawn at every access
+
+
+def test_cached_subsets_do_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    cohort = _noisy_cohort(tmp_path)
+
+    def run(workers: int) -> tuple[list[tuple[str, ...]], Tensor]:
+        ds = BagDataset(
+            cohort,
+            build_transforms({"input_size": (3, SIZE, SIZE)}, train=False),
+            max_instances=4,
+            train=True,
+            seed=3,
+            cache_images=True,
+        )
+        ds.preload()
+        ds.set_epoch(2)
+        loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate_bags)
+        names: list[tuple[str, ...]] = []
+        stacks = []
+        for batch in loader:
+            assert batch.instance_names is not None
+            names.extend(batch.instance_names)
+            stacks.append(batch.instances)
+        return names, torch.cat(stacks)
+
+    names0, x0 = run(0)
+    names2, x2 = run(2)
+    assert names2 == names0
+    assert torch.equal(x2, x0)
+
+
+def test_cached_subsets_follow_set_epoch_also_in_persistent_workers(tmp_path: Path) -> None:
+    cohort = _noisy_cohort(tmp_path).subset([2])
+    ds = BagDataset(cohort, max_instances=3, train=True, seed=0, cache_images=True)
+    ds.preload()
+    loader = DataLoader(ds, batch_size=1, num_workers=1, persistent_workers=True, collate_fn=collate_bags)
+    seen = []
+    for epoch in [0, 1, 2, 0]:
+        ds.set_epoch(epoch)
+        (batch,) = list(loader)
+        ref = BagDataset(cohort, max_instances=3, train=True, seed=0)
+        ref.set_epoch(epoch)
+        assert batch.instance_names == [ref[0].instance_names]
+        seen.append(tuple(batch.instance_names[0]))
+    assert len(set(seen)) > 1 and seen[0] == seen[3]
+
+
+def test_cached_dataset_resumes_exactly(tmp_path: Path) -> None:
+    from milcell.nn.model import create_mil_model
+    from milcell.train.distributed import make_loader
+    from milcell.train.trainer import Trainer
+
+    cohort = _noisy_cohort(tmp_path / "data")
+    transform = build_transforms({"input_size": (3, 16, 16)}, train=True)
+
+    def train(epochs: int, out: Path, resume: bool) -> dict[str, Tensor]:
+        torch.manual_seed(0)
+        model = create_mil_model("milcell_mini_resnet_k8", pooling="mean", fusion="linear")
+        ds = BagDataset(cohort, transform, max_instances=3, train=True, seed=5, cache_images=True)
+        trainer = Trainer(model, max_epochs=epochs, output_dir=out, progress=False, seed=7, lr=0.01)
+        last = out / "checkpoints" / "last"
+        trainer.fit(
+            make_loader(ds, 2, shuffle=True, seed=1, distributed=False), resume_from=last if resume else None
+        )
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    straight = train(2, tmp_path / "straight", resume=False)
+    train(1, tmp_path / "resumed", resume=False)
+    resumed = train(2, tmp_path / "resumed", resume=True)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_cached_instance_dataset_and_masks(cells: CellSet) -> None:
+    plain = InstanceDataset(cells, apply_mask=True)
+    cached = InstanceDataset(cells, apply_mask=True, cache_images=True)
+    cached.preload()
+    assert cached.image_cache is not None and len(cached.image_cache) == 5  # 4 images + 1 mask
+    for index in range(len(cells)):
+        assert torch.equal(plain[index].instances, cached[index].instances)
+
+
+def test_image_cache_errors(cohort: BagCohort, cells: CellSet) -> None:
+    with pytest.raises(ConfigError, match="cache_images must be a bool or an ImageCache"):
+        BagDataset(cohort, cache_images="memory")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no image cache"):
+        BagDataset(cohort).preload()
+    with pytest.raises(ConfigError, match="no image cache"):
+        InstanceDataset(cells).preload()
+    shared = ImageCache()
+    a = BagDataset(cohort, cache_images=shared)
+    b = BagDataset(cohort.subset([1]), cache_images=shared)
+    a.preload()
+    before = len(shared)
+    b.preload()
+    assert a.image_cache is b.image_cache and len(shared) == before == 23

@@ -122,15 +122,15 @@ def test_sampler_errors() -> None:
         MinorityOversampler([0.5, 1.0])
     with pytest.raises(DataError, match=r"must be >= -1, got -4 at position 2"):
         ClassBalancedSampler(torch.tensor([0, 1, -4]))
-    with pytest.raises(ConfigError, match="num_samples must be a positive int"):
+    with pytest.raises(ConfigError, match="num_samples must be an integer >= 1"):
         ClassBalancedSampler([0, 1], num_samples=0)
     with pytest.raises(ConfigError, match="num_samples=5 exceeds the 2 labelled samples"):
         ClassBalancedSampler([0, 1, -1], num_samples=5, replacement=False)
-    with pytest.raises(ConfigError, match="seed must be a non-negative int"):
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
         ClassBalancedSampler([0, 1], seed=-1)
-    with pytest.raises(ConfigError, match="factor must be None or a number >= 1"):
+    with pytest.raises(ConfigError, match="factor must be a finite number >= 1.0"):
         MinorityOversampler([0, 1], factor=0.5)
-    with pytest.raises(ConfigError, match="factor must be None or a number >= 1"):
+    with pytest.raises(ConfigError, match="factor must be a finite number >= 1.0"):
         MinorityOversampler([0, 1], factor=float("nan"))
-    with pytest.raises(ConfigError, match="epoch must be a non-negative int"):
+    with pytest.raises(ConfigError, match="epoch must be an integer >= 0"):
         MinorityOversampler([0, 1]).set_epoch(-1)

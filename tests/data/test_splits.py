@@ -155,11 +155,11 @@ def test_split_errors() -> None:
         patient_kfold(labels, n_splits=3)
     with pytest.raises(ConfigError, match=r"n_splits=2 is greater than the 1 patient\(s\) of class 1"):
         patient_kfold([0, 0, 1, 1], ["a", "b", "c", "c"], n_splits=2)
-    with pytest.raises(ConfigError, match="n_splits must be an int >= 2"):
+    with pytest.raises(ConfigError, match="n_splits must be an integer >= 2"):
         patient_kfold(labels, n_splits=1)
-    with pytest.raises(ConfigError, match="n_repeats must be an int >= 1"):
+    with pytest.raises(ConfigError, match="n_repeats must be an integer >= 1"):
         patient_kfold(labels, n_splits=2, n_repeats=0)
-    with pytest.raises(ConfigError, match="seed must be an int >= 0"):
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
         patient_kfold(labels, n_splits=2, seed=-5)
     with pytest.raises(ConfigError, match=r"at least 2 classes, found only \[0\]"):
         patient_kfold([0, 0, 0, -1], n_splits=2)
@@ -178,11 +178,13 @@ def test_split_errors() -> None:
         patient_kfold(cohort, ["A"])
     with pytest.raises(ConfigError, match="groups must be None when splitting a CellSet"):
         patient_holdout(CellSet([CellRecord(Path("x.bmp"), 0, "p")]), ["p"])
-    with pytest.raises(ConfigError, match="test_size must be a fraction in"):
+    with pytest.raises(ConfigError, match="test_size must be a finite number > 0.0 and < 1.0, got 1.5"):
         patient_holdout(labels, test_size=1.5)
-    with pytest.raises(ConfigError, match="test_size must be >= 1 patient"):
+    with pytest.raises(ConfigError, match="test_size must be an integer >= 1, got 0"):
         patient_holdout(labels, test_size=0)
-    with pytest.raises(ConfigError, match="test_size must be a fraction in"):
+    with pytest.raises(
+        ConfigError, match=r"test_size must be a fraction in \(0, 1\) or a number of patients"
+    ):
         patient_holdout(labels, test_size="half")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="class 1 has only 1 patient"):
         patient_holdout([0, 0, 0, 1])

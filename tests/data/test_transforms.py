@@ -127,3 +127,19 @@ def test_transform_errors() -> None:
         build_transforms(cfg, train=False, center_crop=0)
     with pytest.raises(ConfigError, match=r"center_crop fraction must be in \(0, 1\]"):
         build_transforms(cfg, train=False, center_crop=1.5)
+
+
+@pytest.mark.parametrize("name", ["nearest", "bilinear", "bicubic"])
+def test_interpolation_name_selects_the_torchvision_mode(name: str) -> None:
+    from torchvision.transforms import InterpolationMode, v2
+
+    tf = build_transforms({"input_size": (3, 8, 8), "interpolation": name}, train=False)
+    (resize,) = [t for t in tf.transforms if isinstance(t, v2.Resize)]
+    assert resize.interpolation is getattr(InterpolationMode, name.upper())
+    assert resize.size == [8, 8]
+
+
+def test_unhashable_interpolation_is_a_config_error() -> None:
+    # It used to escape as a TypeError from the dict lookup of the interpolation modes.
+    with pytest.raises(ConfigError, match="'interpolation' must be one of"):
+        resolve_data_config({"interpolation": ["bilinear"]})

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
+from milcell.data.bag import Bag, collate_bags
 from milcell.exceptions import CheckpointError, ConfigError
+from milcell.nn import backbones
 from milcell.nn.backbones import (
     Backbone,
     backbone_stages,
@@ -20,6 +29,7 @@ from milcell.nn.backbones import (
     load_backbone_weights,
     set_trainable,
 )
+from milcell.nn.model import create_mil_model
 
 
 def _trainable_prefixes(bb: Backbone, depth: int = 1) -> set[str]:
@@ -273,3 +283,223 @@ def test_pretrained_torchvision_offline_fails_fast(tmp_path: Path, monkeypatch: 
 def test_pretrained_without_weights_is_config_error() -> None:
     with pytest.raises(ConfigError, match="no pretrained weights.*milcell_mini_resnet_k8"):
         create_backbone("milcell_mini_resnet_k8", pretrained=True)
+
+
+def test_pretrained_unreachable_host_fails_within_the_probe_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def hang(*args: object, **kwargs: object) -> None:  # a network that silently drops packets
+        release.wait(60)
+        raise OSError("released")
+
+    monkeypatch.setattr(backbones.socket, "create_connection", hang)
+    start = time.monotonic()
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot reach example\.org:443.*no answer within 0\.3 s"):
+            backbones._check_reachable("https://example.org/w.pth", "'resnet18'", timeout=0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 5.0
+
+
+def test_probe_goes_to_the_https_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert backbones._probe_target("https://huggingface.co/") == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "huggingface.co")
+    assert backbones._probe_target("https://huggingface.co/") == ("huggingface.co", 443)
+    monkeypatch.delenv("https_proxy")
+    monkeypatch.delenv("no_proxy")
+    assert backbones._probe_target("http://download.pytorch.org/x.pth") == ("download.pytorch.org", 80)
+
+
+_NO_NETWORK_SCRIPT = """
+import socket, sys, threading, time
+
+if sys.argv[2] == "hang":  # every connection and name lookup blocks forever (dropped packets)
+    def hang(*args, **kwargs):
+        threading.Event().wait()
+    socket.getaddrinfo = socket.create_connection = socket.socket.connect = hang
+
+from milcell.exceptions import CheckpointError
+from milcell.nn.backbones import create_backbone
+
+start = time.monotonic()
+try:
+    create_backbone(sys.argv[1], pretrained=True)
+except CheckpointError as exc:
+    print("CheckpointError:", exc)
+print(f"ELAPSED {time.monotonic() - start:.1f}")
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "network"),
+    [
+        pytest.param("resnet18", "hang", marks=pytest.mark.slow),
+        pytest.param("torchvision/resnet18", "hang", marks=pytest.mark.slow),
+        ("resnet18", "refused"),
+    ],
+)
+def test_pretrained_without_network_fails_fast_without_hf_hub_offline(
+    name: str, network: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: weights must be downloaded
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    if network == "refused":  # the real socket stack, pointed at a closed local port
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    script = tmp_path / "pretrained.py"
+    script.write_text(textwrap.dedent(_NO_NETWORK_SCRIPT))
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), name, network],
+            capture_output=True,
+            text=True,
+            timeout=120,  # the import of torch and timm included; never hangs the suite
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"create_backbone({name!r}, pretrained=True) hung without network: {exc}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CheckpointError:" in done.stdout and "checkpoint_path" in done.stdout, done.stdout
+    assert "HF_HUB_OFFLINE" in done.stdout
+    elapsed = float(done.stdout.rsplit("ELAPSED", 1)[1])
+    assert elapsed < 30.0, done.stdout
+
+
+# ----------------------------------------------------------------------------- torchvision ImageNet files
+def _torchvision_imagenet_file(arch: str, path: Path) -> nn.Module:
+    """Save a state dict laid out as torchvision's ImageNet file (aux heads, 1000-class fc); no download."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(
+        arch, weights=None, aux_logits=True, init_weights=False, transform_input=True
+    )
+    with torch.no_grad():  # BatchNorm statistics that differ from the defaults
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(ref.state_dict(), path)
+    ref.fc = nn.Identity()
+    return ref.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "dim", "size", "input_size"),
+    [
+        ("googlenet", 1024, 64, (3, 224, 224)),
+        pytest.param("inception_v3", 2048, 80, (3, 299, 299), marks=pytest.mark.slow),
+    ],
+)
+def test_torchvision_imagenet_file_with_aux_heads_loads(
+    arch: str,
+    dim: int,
+    size: int,
+    input_size: tuple[int, int, int],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / f"{arch}.pth"
+    ref = _torchvision_imagenet_file(arch, path)
+    keys = torch.load(path, weights_only=True).keys()
+    assert any(k.split(".")[0] in ("aux1", "aux2", "AuxLogits") for k in keys)
+    with caplog.at_level(logging.INFO, logger="milcell"):
+        bb = create_backbone(f"torchvision/{arch}", checkpoint_path=path).eval()
+    assert "auxiliary classifiers" in caplog.text and "transform_input=True" in caplog.text
+    assert bb.model.transform_input is True and bb.num_features == dim
+    assert bb.data_config["input_size"] == input_size
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        out = bb(x)
+        torch.testing.assert_close(out, ref(x))
+        plain = create_backbone(f"torchvision/{arch}", checkpoint_path=path, transform_input=False).eval()
+        assert plain.model.transform_input is False
+        assert not torch.allclose(plain(x), out)  # the input transform really is applied
+
+
+def test_torchvision_own_file_keeps_transform_input_off(tmp_path: Path) -> None:
+    source = create_backbone("torchvision/googlenet", init_weights=False)
+    path = tmp_path / "mine.safetensors"
+    save_file(source.model.state_dict(), str(path))  # a backbone saved by milcell: no aux heads, no fc
+    loaded = create_backbone("torchvision/googlenet", checkpoint_path=path)
+    assert loaded.model.transform_input is False
+    assert _same_weights(source, loaded)
+
+
+def test_aux_keys_are_dropped_but_other_mismatches_still_fail(tmp_path: Path) -> None:
+    path = tmp_path / "googlenet.pth"
+    _torchvision_imagenet_file("googlenet", path)
+    state = torch.load(path, weights_only=True)
+    state["inception9.conv.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"extra\.pth.*0 missing keys.*1 unexpected keys.*inception9"):
+        create_backbone("torchvision/googlenet", checkpoint_path=tmp_path / "extra.pth")
+    del state["inception9.conv.weight"], state["conv1.conv.weight"]
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing\.pth.*1 missing keys \['conv1\.conv\.weight'\]"):
+        create_backbone("torchvision/googlenet", checkpoint_path=tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------- trainable=0 and numpy
+def _bn_batch() -> object:
+    torch.manual_seed(0)
+    return collate_bags([Bag(torch.rand(3, 3, 32, 32) + 1.0, label=k % 2) for k in range(2)])
+
+
+@pytest.mark.parametrize("trainable", ["head", 0, np.int64(0)])
+def test_trainable_zero_freezes_batchnorm_statistics_like_head(trainable: object) -> None:
+    model = create_mil_model("milcell_mini_resnet_k8", pooling="mean", trainable=trainable).train()
+    backbone = model.encoder.backbone
+    assert backbone.trainable == "head" and not any(p.requires_grad for p in backbone.parameters())
+    before = backbone.model.bn1.running_mean.clone()
+    model(_bn_batch())
+    assert torch.equal(backbone.model.bn1.running_mean, before)
+
+
+def test_trainable_stages_still_update_batchnorm_statistics() -> None:
+    model = create_mil_model("milcell_mini_resnet_k8", pooling="mean", trainable=1).train()
+    before = model.encoder.backbone.model.bn1.running_mean.clone()
+    model(_bn_batch())
+    assert not torch.equal(model.encoder.backbone.model.bn1.running_mean, before)
+
+
+def test_numpy_integer_arguments() -> None:
+    bb = create_backbone(
+        "milcell_mini_resnet_k8", in_chans=np.int64(1), trainable=np.int64(2), num_classes=np.int64(0)
+    )
+    assert bb.in_chans == 1 and type(bb.in_chans) is int
+    assert bb.trainable == 2 and type(bb.trainable) is int
+    assert _trainable_prefixes(bb) == {"layer3", "layer4"}
+    set_trainable(bb, np.int32(1))
+    assert _trainable_prefixes(bb) == {"layer4"} and bb.trainable == 1
+    set_trainable(bb, np.uint8(0))
+    assert bb.trainable == "head" and not _trainable_prefixes(bb)
+
+
+def test_num_classes_is_validated_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="milcell"):
+        bb = create_backbone("milcell_mini_resnet_k8", num_classes=5)
+    assert bb.num_features == 64 and "num_classes=5 ignored" in caplog.text
+    for bad in (-1, 2.0, "2"):
+        with pytest.raises(ConfigError, match="num_classes"):
+            create_backbone("milcell_mini_resnet_k8", num_classes=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"in_chans": np.float64(1.0)}, "in_chans"),
+        ({"in_chans": True}, "in_chans"),
+        ({"trainable": np.int64(-1)}, "trainable"),
+        ({"trainable": "frozen"}, "trainable.*'all', 'head'"),
+        ({"pretrained": "yes"}, "pretrained"),
+    ],
+)
+def test_bad_factory_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        create_backbone("milcell_mini_resnet_k8", **kwargs)

@@ -139,7 +139,7 @@ def test_config_validation() -> None:
         create_fusion("concat", D, FC, C, use_image=False, use_clinical=False)
     with pytest.raises(ConfigError, match="has no input"):
         create_fusion("gated", D, 0, C, use_image=False)
-    with pytest.raises(ConfigError, match="num_classes must be >= 2"):
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 2, got 1"):
         create_fusion("moe", D, FC, 1)
     with pytest.raises(ConfigError, match=r"combiner_hidden\[0\] must be an integer"):
         create_fusion("moe", D, FC, C, combiner_hidden=(0,))

@@ -360,3 +360,111 @@ def test_frozen_backbone_freezes_batchnorm_statistics_by_default() -> None:
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
     trainable = create_mil_model("milcell_mini_resnet_k8", pooling="mean")
     assert trainable.config["freeze_bn_stats"] is False
+
+
+# ----------------------------------------------------------------------------- decomposition and parts
+@pytest.mark.parametrize(
+    ("backbone", "pooling", "fusion", "clinical_dim"),
+    [
+        (None, "gated_attention", "gated", 2),
+        (None, "conv", "moe", 2),
+        (None, "instance_mean", None, 2),
+        ("milcell_mini_resnet_k8", "attention", "concat", 2),
+        ("milcell_mini_resnet_k8", "instance_mean", None, 0),
+    ],
+)
+def test_forward_is_head_of_pool_of_encode(
+    backbone: str | None, pooling: str, fusion: str | None, clinical_dim: int
+) -> None:
+    model = create_mil_model(
+        backbone,
+        pooling=pooling,
+        fusion=fusion,
+        feature_dim=6 if backbone is None else None,
+        clinical_dim=clinical_dim,
+    ).eval()
+    if backbone is None:
+        g = torch.Generator().manual_seed(4)
+        batch = collate_bags(
+            [Bag(torch.randn(n, 6, generator=g), 1, clinical=torch.randn(2, generator=g)) for n in (2, 5, 1)]
+        )
+    else:
+        batch = _image_batch(clinical_dim=clinical_dim)
+    out = model(batch)
+    features = model.encode(batch)
+    assert features.shape == (batch.num_instances, model.feature_dim)
+    embedding, attention = model.pool(features, batch, return_attention=True)
+    torch.testing.assert_close(model.pool(features, batch), embedding)
+    fused = model.forward_head(embedding, batch.clinical)
+    torch.testing.assert_close(fused.logits, out.logits)
+    torch.testing.assert_close(embedding, out.embedding)
+    torch.testing.assert_close(attention, out.attention)
+    assert set(fused.experts) == set(out.experts)
+    # encode also takes packed instances as they are
+    torch.testing.assert_close(model.encode(batch.instances), features)
+
+
+def test_clinical_only_forward_head_without_embedding() -> None:
+    model = create_mil_model(
+        None, pooling="mean", fusion="concat", feature_dim=6, clinical_dim=2, use_image=False
+    )
+    batch = collate_bags([Bag(torch.randn(2, 6), 1, clinical=torch.randn(2))])
+    torch.testing.assert_close(model.forward_head(None, batch.clinical).logits, model(batch).logits)
+
+
+def test_decomposition_errors() -> None:
+    model = create_mil_model(None, pooling="mean", feature_dim=6)
+    batch = _feature_batch()
+    with pytest.raises(ShapeError, match=r"MILModel.pool: features must have shape \(T, D\) with T = 8"):
+        model.pool(torch.randn(7, 6), batch)
+    with pytest.raises(ShapeError, match="BagBatch or a Tensor"):
+        model.encode([[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(ShapeError, match="BagBatch"):
+        model.pool(torch.randn(8, 6), batch.instances)  # type: ignore[arg-type]
+    prediction = create_mil_model(None, pooling="instance_mean", feature_dim=6)
+    with pytest.raises(ShapeError, match="needs the embedding"):
+        prediction.forward_head(None)
+
+
+def test_parts_must_follow_their_protocols() -> None:
+    head = create_fusion("linear", 6, 0, 2)
+    with pytest.raises(ConfigError, match="pooling must be a milcell.nn.pooling.MILPooling.*got Linear"):
+        MILModel(torch.nn.Linear(6, 6), head)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="head must be a milcell.nn.fusion.FusionHead.*got Linear"):
+        MILModel(create_pooling("mean", 6), torch.nn.Linear(6, 2))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="encoder must be an nn.Module"):
+        MILModel(create_pooling("mean", 6), head, encoder="resnet18")  # type: ignore[arg-type]
+
+
+def test_prediction_level_is_read_from_the_pooling_not_its_name() -> None:
+    """Regression: only the literal name "instance_mean" got num_classes and clinical_dim."""
+    from milcell.nn.pooling import _POOLINGS, InstanceMeanPooling, register_pooling
+
+    class Renamed(InstanceMeanPooling):
+        pass
+
+    register_pooling("instance_mean_renamed_for_test")(Renamed)
+    try:
+        model = create_mil_model(
+            None, pooling="instance_mean_renamed_for_test", feature_dim=6, num_classes=4, clinical_dim=2
+        )
+        assert model.head is None and model.prediction_level and model.num_classes == 4
+        assert model.pooling.clinical_dim == 2 and model.needs_clinical
+        out = model(collate_bags([Bag(torch.randn(3, 6), 3, clinical=torch.randn(2))]))
+        assert out.logits.shape == (1, 4) and out.instance_logits.shape == (1, 3, 4)
+    finally:
+        _POOLINGS._factories.pop("instance_mean_renamed_for_test")
+
+
+def test_loss_class_weights_on_the_host_and_expert_weight() -> None:
+    batch = _feature_batch(sizes=(1, 1, 1), labels=(0, -1, 1))
+    out = _out([[1.0, 0.0], [9.0, -9.0], [0.5, 0.2]])
+    reference = mil_loss(out, batch, class_weights=[1.0, 3.0])
+    for weights in (torch.tensor([1.0, 3.0]), (1, 3), __import__("numpy").array([1.0, 3.0])):
+        torch.testing.assert_close(mil_loss(out, batch, class_weights=weights), reference)
+    with pytest.raises(ConfigError, match="class_weights must be finite"):
+        mil_loss(out, batch, class_weights=torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(ConfigError, match="class_weights must be"):
+        mil_loss(out, batch, class_weights=["a", "b"])
+    with pytest.raises(ConfigError, match="expert_weight must be a finite number >= 0.0, got -1.0"):
+        mil_loss(out, batch, expert_weight=-1.0)

@@ -238,17 +238,17 @@ def test_input_validation(name: str) -> None:
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="in_dim must be an integer >= 1"):
         create_pooling("mean", 0)
-    with pytest.raises(ConfigError, match="r must be a finite float > 0"):
+    with pytest.raises(ConfigError, match="r must be a finite number > 0.0, got 0.0"):
         create_pooling("lse", 3, r=0.0)
     with pytest.raises(ConfigError, match="hidden must be an integer >= 1"):
         create_pooling("attention", 3, hidden=0)
-    with pytest.raises(ConfigError, match="dropout must be a float in"):
+    with pytest.raises(ConfigError, match=r"dropout must be a finite number >= 0.0 and < 1.0, got 1.0"):
         create_pooling("gated_attention", 3, dropout=1.0)
-    with pytest.raises(ConfigError, match="kernel_size must be odd"):
+    with pytest.raises(ConfigError, match="kernel_size must be an odd integer"):
         create_pooling("conv", 3, kernel_size=2)
-    with pytest.raises(ConfigError, match="reduce must be 'mean' or 'max'"):
+    with pytest.raises(ConfigError, match="reduce must be one of 'mean', 'max', got 'sum'"):
         create_pooling("conv", 3, reduce="sum")
-    with pytest.raises(ConfigError, match="num_classes must be >= 2"):
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 2, got 1"):
         create_pooling("instance_mean", 3, num_classes=1)
     with pytest.raises(ConfigError, match=r"hidden\[1\] must be an integer"):
         create_pooling("instance_mean", 3, hidden=(4, -1))

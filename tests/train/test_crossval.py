@@ -284,7 +284,7 @@ def test_bad_arguments() -> None:
         cross_validate(_build(), _splitter(ds), ds.labels, trainer_kwargs={"output_dir": "x"})
     with pytest.raises(ConfigError, match="sampler must be"):
         cross_validate(_build(), _splitter(ds), ds.labels, sampler="weighted")
-    with pytest.raises(ConfigError, match="n_splits must be an int >= 2"):
+    with pytest.raises(ConfigError, match="n_splits must be an integer >= 2"):
         cross_validate(_build(), _splitter(ds), ds.labels, n_splits=1)
     with pytest.raises(ConfigError, match="batch_size must be"):
         cross_validate(_build(), _splitter(ds), ds.labels, batch_size=0)

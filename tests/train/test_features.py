@@ -285,7 +285,7 @@ def test_bad_inputs(dataset: BagDataset, backbone: Counting, tmp_path: Path) -> 
         extract_features(backbone, random_subsets, tmp_path)
     with pytest.raises(ShapeError, match=r"must be images \(T, C, H, W\)"):
         extract_features(backbone, [Bag(torch.rand(2, 8), id="f")], None, progress=False)
-    with pytest.raises(ShapeError, match=r"must return \(n, D\)"):
+    with pytest.raises(ShapeError, match=r"must return \(T, D\)"):
         extract_features(nn.Identity(), [Bag(torch.rand(2, 3, 4, 4), id="f")], None, progress=False)
     with pytest.raises(DataError, match="dataset is empty"):
         extract_features(backbone, [], None)

@@ -175,9 +175,9 @@ def test_pseudo_labelled_dataset() -> None:
 
 def test_bad_arguments() -> None:
     lab, unl = _bags(4, 0), _bags(4, 1, hide=True, prefix="U")
-    with pytest.raises(ConfigError, match="iterations must be an int >= 1"):
+    with pytest.raises(ConfigError, match="iterations must be an integer >= 1"):
         noisy_student(_teacher, _student, lab, unl, iterations=0)
-    with pytest.raises(ConfigError, match="threshold must be None or in"):
+    with pytest.raises(ConfigError, match="threshold must be a finite number >= 0.0 and <= 1.0"):
         noisy_student(_teacher, _student, lab, unl, threshold=1.5)
     with pytest.raises(ConfigError, match="may not set"):
         noisy_student(_teacher, _student, lab, unl, trainer_kwargs={"output_dir": "x"})

@@ -42,7 +42,7 @@ def add_option(container: Any, *flags: str, default: Any = None, **kwargs: Any) 
     ):
         help_text = f"{help_text} (default: {default})"
     action = container.add_argument(*flags, default=argparse.SUPPRESS, help=help_text, **kwargs)
-    action.milcell_default = default  # type: ignore[attr-defined]
+    action.milcell_default = default
     return action
 
 
@@ -50,7 +50,7 @@ def set_default(parser: argparse.ArgumentParser, dest: str, value: Any) -> None:
     """Change the default :func:`resolve` applies to ``dest``."""
     for action in parser._actions:
         if action.dest == dest and hasattr(action, "milcell_default"):
-            action.milcell_default = value  # type: ignore[attr-defined]
+            action.milcell_default = value
 
 
 def _declared(parser: argparse.ArgumentParser) -> tuple[dict[str, Any], dict[str, argparse.Action]]:
@@ -58,7 +58,7 @@ def _declared(parser: argparse.ArgumentParser) -> tuple[dict[str, Any], dict[str
     actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
         if hasattr(action, "milcell_default") and action.dest not in defaults:
-            defaults[action.dest] = action.milcell_default  # type: ignore[attr-defined]
+            defaults[action.dest] = action.milcell_default
             actions[action.dest] = action
     return defaults, actions
 
@@ -115,9 +115,10 @@ def _convert(action: argparse.Action, key: str, value: Any, file: str) -> Any:
             f"config file '{file}': {key!r} ({flag}) must be a single value, got {type(value).__name__} "
             f"{value!r}"
         )
-    if action.type is not None:
+    converter = action.type
+    if callable(converter):
         try:
-            value = action.type(str(value))
+            value = converter(str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(
                 f"config file '{file}': invalid value {value!r} for {key!r} ({flag}): {exc}"

@@ -2,9 +2,9 @@
 
 The demo writes a seeded synthetic cohort in the lymphocytosis layout
 (:func:`milcell.data.synthetic.make_cohort`), reads it back with the real
-loader, decodes the images once into memory, and cross-validates (patient
-level, :func:`milcell.train.crossval.cross_validate`) three models on the same
-folds: gated-attention MIL with clinical fusion, the same model on the images
+loader, and cross-validates (patient level, :func:`milcell.runs.train_run`,
+each image decoded once into a shared in-memory cache) three models on the
+same folds: gated-attention MIL with clinical fusion, the same model on the images
 only, and the clinical attributes only. It writes ROC curves, the fusion
 model's training curves and an attention montage of one patient.
 """
@@ -81,50 +81,59 @@ def _prepare(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _attention_figure(outcome: Any, bags: list[Any], path: Path, mean: Any, std: Any) -> Path | None:
+def _attention_figure(runs: Mapping[str, Any], samples: Any, path: Path) -> Path | None:
     """Montage of the most confidently detected malignant patient's top and bottom cells."""
-    from milcell._cli.runs import BagView
     from milcell.data.bag import collate_bags
     from milcell.viz import attention_montage, save_figure
 
-    oof = outcome.result.oof
+    if not runs:
+        return None
+    run = next(iter(runs.values()))
+    if run.cv is None or not run.models:
+        return None
+    oof = run.cv.oof
     prob = np.asarray(oof.probabilities)[:, 1]
     labels = np.asarray(oof.labels)
     candidates = np.flatnonzero(labels == 1)
-    if candidates.size == 0 or not outcome.result.models:
+    if candidates.size == 0:
         return None
     row = int(candidates[np.argmax(prob[candidates])])
     sample = int(np.asarray(oof.indices)[row])
-    keys = [(f.repeat, f.fold) for f in outcome.folds]
+    keys = [(int(e["repeat"]), int(e["fold"])) for e in run.record["models"]]
     position = keys.index((int(oof.repeat[row]), int(oof.fold[row])))
-    model = outcome.result.models[position]
-    bag = BagView(bags, [sample], outcome.scalers[position])[0]
+    model = run.models[position]
+    bag = run.dataset(samples.subset([sample]), position)[0]
     model.eval()
     with torch.inference_mode():
         output = model(collate_bags([bag]).to(next(model.parameters()).device))
     if output.attention is None:
         return None
     weights = output.attention[0, : len(bag)].float().cpu()
+    prep = run.preprocessing
     fig = attention_montage(
         bag.instances,
         weights,
         k=min(8, max(1, len(bag) // 2)),
         names=bag.instance_names,
         title=f"patient {bag.id} (malignant), p = {prob[row]:.2f}: highest / lowest attention",
-        mean=mean,
-        std=std,
+        mean=prep.mean,
+        std=prep.std,
     )
     return save_figure(fig, path)
 
 
 @dataclass
 class DemoResult:
-    """What :func:`run_demo` computed: the table to print first, then what the figures need."""
+    """What :func:`run_demo` computed: the table to print first, then what the figures need.
+
+    ``runs`` maps each model's row name to its :class:`milcell.runs.SavedRun`
+    (saved under ``runs/<key>/``); ``samples`` is the cross-validated cohort.
+    """
 
     table: str
     record: dict[str, Any]
-    outcomes: list[Any]
-    bags: list[Any]
+    runs: Any
+    samples: Any
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -132,23 +141,20 @@ class DemoResult:
 def run_demo(cfg: Mapping[str, Any], out: Path) -> DemoResult:
     """Cross-validate the three demo models into ``out``; write the table, return it with the results.
 
-    The figures are a second step (:func:`write_demo_figures`), so the table is on screen (and in
+    Each model is a :func:`milcell.runs.train_run` on the same folds, sharing
+    one in-memory image cache. The figures are a second step
+    (:func:`write_demo_figures`), so the table is on screen (and in
     ``summary.txt`` / ``results.json``) before any plotting happens.
     """
-    from milcell._cli.runs import (
-        TABLE_METRICS,
-        data_stats,
-        decode_all,
-        format_table,
-        make_transform,
-        model_arguments,
-        run_cross_validation,
-    )
+    from milcell._cli.runs import resolve_device
+    from milcell.data.datasets import ImageCache
     from milcell.data.formats.dlmi import load_dlmi
     from milcell.data.synthetic import make_cohort
+    from milcell.runs import TABLE_METRICS, format_table, train_run
 
     start = time.perf_counter()
     sizes = demo_sizes(cfg)
+    device = resolve_device(cfg["device"])
     _prepare(out, cfg["overwrite"])
     logger.info("writing a synthetic cohort of %d patients to %s", sizes["patients"], out / "cohort")
     root = make_cohort(
@@ -159,59 +165,57 @@ def run_demo(cfg: Mapping[str, Any], out: Path) -> DemoResult:
         image_size=sizes["image_size"],
         bag_size=(sizes["min_cells"], sizes["max_cells"]),
     )
-    samples = load_dlmi(root, split="train")
-    base = dict(cfg)
-    base.update(
-        folds=sizes["folds"],
-        epochs=sizes["epochs"],
-        image_size=sizes["image_size"],
-        precision="32",
-        repeats=1,
-        num_workers=0,
-        sampler="none",
-    )
-    mean, std = data_stats(base["backbone"])
-    bags = decode_all(
-        samples, make_transform(sizes["image_size"], mean, std, False), cfg["progress"], "decoding"
-    )
+    samples = load_dlmi(root, split="train").labelled()
+    common: dict[str, Any] = {
+        "backbone": cfg["backbone"],
+        "pooling": cfg["pooling"],
+        "folds": sizes["folds"],
+        "epochs": sizes["epochs"],
+        "batch_size": cfg["batch_size"],
+        "lr": cfg["lr"],
+        "seed": cfg["seed"],
+        "image_size": sizes["image_size"],
+        "augment": True,
+        "max_instances": cfg.get("max_instances"),
+        "cache_images": ImageCache(),  # every cell decoded once for the three models
+        "precision": "32",
+        "device": device,
+        "monitor": None,
+        "progress": cfg["progress"],
+        "figures": False,
+        "data_format": "dlmi",
+    }
     variants = [
-        (
-            "fusion",
-            f"{base['pooling']} + {base['fusion']} fusion",
-            {"inputs": "both", "fusion": base["fusion"]},
-        ),
-        ("image_only", f"{base['pooling']}, image only", {"inputs": "image", "fusion": None}),
+        ("fusion", f"{cfg['pooling']} + {cfg['fusion']} fusion", {"inputs": "both", "fusion": cfg["fusion"]}),
+        ("image_only", f"{cfg['pooling']}, image only", {"inputs": "image", "fusion": None}),
         ("clinical_only", "clinical only", {"inputs": "clinical", "fusion": "concat"}),
     ]
-    outcomes = []
+    runs = {}
     for key, name, variant in variants:
-        args = model_arguments({**base, **variant}, len(samples.class_names), samples.clinical_names)
-        outcome = run_cross_validation(name, samples, base, args, out / "runs" / key, bags)
-        outcomes.append(outcome)
-        logger.info("%s: balanced accuracy %s", name, outcome.result.summary.get("balanced_accuracy"))
-    table = format_table({o.name: o.result.summary for o in outcomes}, TABLE_METRICS)
+        runs[name] = train_run(samples, out / "runs" / key, **common, **variant)
+        logger.info("%s: balanced accuracy %s", name, runs[name].summary.get("balanced_accuracy"))
+    table = format_table({name: run.summary for name, run in runs.items()}, TABLE_METRICS)
+    prep = next(iter(runs.values())).preprocessing
     record = {
         "sizes": sizes,
         "patients_cross_validated": len(samples),
-        "cells": int(sum(len(b) for b in bags)),
+        "cells": int(sum(r.num_instances for r in samples)),
         "seconds": round(time.perf_counter() - start, 1),
-        "models": {o.name: {k: list(v) for k, v in o.result.summary.items()} for o in outcomes},
+        "models": {name: {k: list(v) for k, v in run.summary.items()} for name, run in runs.items()},
         "figures": [],
     }
     _write_results(out, record)
     with atomic_path(out / "summary.txt") as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
-    return DemoResult(table, record, outcomes, bags, tuple(mean), tuple(std))
+    return DemoResult(table, record, runs, samples, prep.mean, prep.std)
 
 
 def write_demo_figures(result: DemoResult, out: Path) -> list[Path]:
     """Write the ROC curves, training curves and attention montage; list them in ``results.json``."""
-    from milcell._cli.runs import save_figures
+    from milcell.runs import run_figures
 
-    figures = save_figures(result.outcomes, out, binary=True)
-    montage = _attention_figure(
-        result.outcomes[0], result.bags, out / "attention_montage.png", result.mean, result.std
-    )
+    figures = run_figures(result.runs, out)
+    montage = _attention_figure(result.runs, result.samples, out / "attention_montage.png")
     if montage is not None:
         figures.append(montage)
     result.record["figures"] = [p.name for p in figures]

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from milcell.exceptions import DataError, ShapeError
+from milcell._validation import check_int
+from milcell.exceptions import ConfigError, DataError, ShapeError
 
 __all__ = ["Bag", "BagBatch", "collate_bags"]
 
@@ -50,7 +51,8 @@ class Bag:
         ``(N, ...)`` with ``N >= 1``: images ``(N, C, H, W)`` or features
         ``(N, D)``. A single cell is a bag of one, ``(1, C, H, W)``.
     label : int, default -1
-        Class index of the bag; ``-1`` marks an unlabelled bag.
+        Class index of the bag; ``-1`` marks an unlabelled bag. A numpy
+        integer or a 0-d integer tensor is stored as a plain ``int``.
     clinical : Tensor or None, default None
         ``(F,)`` float clinical attributes (age, lymphocyte count, ...).
     id : str, default ""
@@ -91,9 +93,13 @@ class Bag:
             )
         if self.instances.ndim < 1 or self.instances.shape[0] == 0:
             raise DataError(f"bag {name!r} is empty: instances has shape {tuple(self.instances.shape)}")
-        self.label = int(self.label)
-        if self.label < -1:
-            raise DataError(f"bag {name!r}: label must be >= -1 (-1 = unlabelled), got {self.label}")
+        label: Any = self.label
+        if isinstance(label, Tensor) and label.ndim == 0 and not label.is_floating_point():
+            label = int(label)  # a 0-d integer tensor from a dataset; Bags are built on the host
+        try:
+            self.label = check_int(label, "label", low=-1)
+        except ConfigError as err:
+            raise DataError(f"bag {name!r}: {err}") from None
         if self.clinical is not None:
             self.clinical = torch.as_tensor(self.clinical, dtype=torch.float32)
             if self.clinical.ndim != 1:
@@ -124,7 +130,12 @@ class BagBatch:
     """A batch of bags with the instances packed, never padded.
 
     Build it with :func:`collate_bags`. The mask and the padding index are
-    derived from ``bag_sizes`` on first use and cached.
+    derived from the bag sizes on first use and cached. The bag sizes exist
+    twice: as the tensor ``bag_sizes``, which moves with the batch, and as
+    :attr:`sizes`, a tuple of Python ints that stays on the host (filled by
+    :func:`collate_bags` from the bags' lengths), so that ``N_max``, ``T``
+    and the padded layout are known without reading a device tensor: padding
+    a batch on a GPU never waits for the device.
 
     Attributes
     ----------
@@ -147,8 +158,8 @@ class BagBatch:
     --------
     >>> import torch
     >>> batch = collate_bags([Bag(torch.rand(1, 8), 0, id="a"), Bag(torch.rand(4, 8), 1, id="b")])
-    >>> batch.batch_size, batch.num_instances, batch.max_bag_size
-    (2, 5, 4)
+    >>> batch.batch_size, batch.num_instances, batch.max_bag_size, batch.sizes
+    (2, 5, 4, (1, 4))
     >>> padded = batch.pad(batch.instances)          # (B, N_max, D)
     >>> torch.equal(batch.unpad(padded), batch.instances)
     True
@@ -176,25 +187,46 @@ class BagBatch:
         return int(self.instances.shape[0])
 
     @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """``B`` bag sizes as Python ints, kept on the host (``bag_sizes`` as a tuple).
+
+        :func:`collate_bags`, :meth:`to` and :meth:`pin_memory` fill it without
+        touching a tensor; a batch built by hand (or with
+        :func:`dataclasses.replace`) reads it once from ``bag_sizes``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> collate_bags([Bag(torch.rand(3, 2)), Bag(torch.rand(1, 2))]).to("cpu").sizes
+        (3, 1)
+        """
+        return tuple(int(n) for n in self.bag_sizes.tolist())
+
+    @cached_property
     def max_bag_size(self) -> int:
-        """``N_max``, the size of the largest bag."""
-        return int(self.bag_sizes.max().item()) if len(self) else 0
+        """``N_max``, the size of the largest bag (from :attr:`sizes`, no device read)."""
+        return max(self.sizes, default=0)
 
     @cached_property
     def mask(self) -> Tensor:
-        """``(B, N_max)`` bool; ``True`` marks a real instance."""
+        """``(B, N_max)`` bool on ``bag_sizes.device``; ``True`` marks a real instance."""
         positions = torch.arange(self.max_bag_size, device=self.bag_sizes.device)
         return positions.unsqueeze(0) < self.bag_sizes.unsqueeze(1)
 
     @cached_property
     def bag_index(self) -> Tensor:
         """``(T,)`` long, the bag each packed instance belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self), device=self.bag_sizes.device), self.bag_sizes)
+        bags = torch.arange(len(self), device=self.bag_sizes.device)
+        return torch.repeat_interleave(bags, self.bag_sizes, output_size=sum(self.sizes))
 
     @cached_property
     def _flat_index(self) -> Tensor:
-        # Position of each packed instance in the flattened (B * N_max) padded layout.
-        return self.mask.reshape(-1).nonzero().squeeze(1)
+        # Position of each packed instance in the flattened (B * N_max) padded layout, computed on
+        # the device from sizes known on the host (no nonzero(), whose output size needs a sync).
+        starts = torch.cumsum(self.bag_sizes, dim=0) - self.bag_sizes
+        bag = self.bag_index
+        position = torch.arange(bag.shape[0], device=bag.device) - starts[bag]
+        return bag * self.max_bag_size + position
 
     def pad(self, values: Tensor, fill: float = 0.0) -> Tensor:
         """Scatter packed per-instance values into a padded per-bag layout.
@@ -272,10 +304,10 @@ class BagBatch:
         >>> [t.tolist() for t in b.split(torch.arange(3))]
         [[0], [1, 2]]
         """
-        return list(torch.split(values, self.bag_sizes.tolist()))
+        return list(torch.split(values, list(self.sizes)))
 
     def _map(self, fn: Any) -> BagBatch:
-        return BagBatch(
+        out = BagBatch(
             instances=fn(self.instances),
             bag_sizes=fn(self.bag_sizes),
             labels=fn(self.labels),
@@ -284,6 +316,8 @@ class BagBatch:
             instance_names=self.instance_names,
             soft_labels=None if self.soft_labels is None else fn(self.soft_labels),
         )
+        out.__dict__["sizes"] = self.sizes  # the host copy travels without a device read
+        return out
 
     def to(
         self,
@@ -373,7 +407,7 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
         raise DataError(f"collate_bags: instances have different shapes within a batch ({detail})")
     instances = torch.cat([b.instances for b in bags]) if len(bags) > 1 else bags[0].instances
     names = [b.instance_names for b in bags]
-    return BagBatch(
+    batch = BagBatch(
         instances=instances,
         bag_sizes=torch.tensor([len(b) for b in bags], dtype=torch.long),
         labels=torch.tensor([b.label for b in bags], dtype=torch.long),
@@ -382,3 +416,5 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
         instance_names=None if any(n is None for n in names) else [n for n in names if n is not None],
         soft_labels=_stack_optional([b.soft_label for b in bags], "soft_label", ids),
     )
+    batch.__dict__["sizes"] = tuple(len(b) for b in bags)
+    return batch

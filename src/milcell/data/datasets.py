@@ -19,6 +19,16 @@ DataLoader workers. With ``train=False`` the subset is deterministic: evenly
 spaced positions over the record's (sorted) file list. Selected instances keep
 their original order.
 
+Keeping decoded images in memory
+--------------------------------
+``cache_images=True`` (or a shared :class:`ImageCache`) makes
+:class:`BagDataset` and :class:`InstanceDataset` decode every image file once
+and keep it in memory as the decoded ``uint8`` array, *before* any transform.
+Every access still builds a PIL image from it and runs the dataset's
+``transform``, so augmentation, the ``max_instances`` rule, ``set_epoch`` and
+resume behave exactly as without the cache; only the file reads and decoding
+are saved. Memory: ``H * W * 3`` bytes per image at the file's own size.
+
 Examples
 --------
 >>> import torch
@@ -47,6 +57,7 @@ from torch.utils.data import Dataset
 from milcell._utils import atomic_path
 from milcell.data.bag import Bag
 from milcell.data.formats._paths import check_inside
+from milcell.data.images import mask_weights, read_image
 from milcell.data.records import BagCohort, BagRecord, CellSet
 from milcell.data.transforms import default_transform
 from milcell.exceptions import ConfigError, DataError
@@ -54,6 +65,7 @@ from milcell.exceptions import ConfigError, DataError
 __all__ = [
     "BagDataset",
     "FeatureBagDataset",
+    "ImageCache",
     "InstanceDataset",
     "group_cells_by_patient",
     "select_instances",
@@ -162,13 +174,91 @@ def _resolve_path(path: Path, root: Path | None) -> Path:
 
 
 def _open_image(path: Path, mode: str, owner: str) -> Image.Image:
-    """Read an image fully and convert it; any failure becomes a DataError naming the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{owner}: cannot read image {str(path)!r}: {exc}") from exc
+    """Read an image fully (:func:`milcell.data.images.read_image`); failures name the file."""
+    return read_image(path, mode, owner=owner)
+
+
+class ImageCache:
+    """Decoded images kept in memory, keyed by file and colour mode: each file is decoded once.
+
+    The stored value is the decoded ``uint8`` array (``(H, W, 3)`` for RGB,
+    ``(H, W)`` for grey masks) at the file's own size, before any transform:
+    datasets using the cache run their transform on it at every access, so
+    random augmentation is unchanged. One cache can be shared by several
+    datasets over the same files (the folds of a cross-validation), so every
+    file is decoded once in all. DataLoader workers started after the cache is
+    filled (see :meth:`BagDataset.preload`) share its pages with the main
+    process; images a worker decodes itself stay in that worker.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> path = Path(tempfile.mkdtemp()) / "c.png"
+    >>> Image.new("RGB", (6, 4), (200, 10, 10)).save(path)
+    >>> cache = ImageCache()
+    >>> cache.open(path, "RGB", "cell c").size, len(cache), cache.nbytes
+    ((6, 4), 1, 72)
+    >>> path.unlink()                      # decoded once: the file is no longer read
+    >>> cache.open(path, "RGB", "cell c").getpixel((0, 0))
+    (200, 10, 10)
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[tuple[str, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._images
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the decoded images, in bytes."""
+        return int(sum(a.nbytes for a in self._images.values()))
+
+    def open(self, path: Path, mode: str, owner: str) -> Image.Image:
+        """The image at ``path`` converted to ``mode``, decoded on the first call only.
+
+        Parameters
+        ----------
+        path : Path
+            The image file (already resolved and checked by the caller).
+        mode : str
+            PIL mode, ``"RGB"`` or ``"L"``.
+        owner : str
+            Who reads it (``"patient 'P1'"``), for the error message.
+
+        Returns
+        -------
+        PIL.Image.Image
+            A fresh image (transforms may modify it freely).
+
+        Raises
+        ------
+        DataError
+            An unreadable file; the message names the file and ``owner``.
+        """
+        key = (str(path), mode)
+        array = self._images.get(key)
+        if array is None:
+            array = np.asarray(_open_image(Path(path), mode, owner))
+            self._images[key] = array
+        return Image.fromarray(array)
+
+
+def _as_cache(cache_images: bool | ImageCache) -> ImageCache | None:
+    if isinstance(cache_images, ImageCache):
+        return cache_images
+    if isinstance(cache_images, (bool, np.bool_)):
+        return ImageCache() if cache_images else None
+    raise ConfigError(f"cache_images must be a bool or an ImageCache, got {type(cache_images).__name__}")
+
+
+def _read_image(cache: ImageCache | None, path: Path, mode: str, owner: str) -> Image.Image:
+    return _open_image(path, mode, owner) if cache is None else cache.open(path, mode, owner)
 
 
 def _apply_transform(transform: Callable[[Any], Any], image: Image.Image, path: Path, owner: str) -> Tensor:
@@ -210,11 +300,17 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         matrix to ``(n, F')``. Without a scaler the bag's clinical tensor holds
         the raw float values, ``nan`` included. A cohort without clinical names
         yields ``clinical=None``.
+    cache_images : bool or ImageCache, default False
+        Keep every decoded image in memory (an :class:`ImageCache`; pass one
+        to share it between datasets): each file is decoded once, the
+        ``transform`` still runs at every access. See the module docstring.
 
     Attributes
     ----------
     clinical : Tensor or None
         ``(n, F')`` float32 clinical attributes of every patient (after the scaler).
+    image_cache : ImageCache or None
+        The decoded images, when ``cache_images`` is on.
 
     Raises
     ------
@@ -240,6 +336,10 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
     >>> bag = BagDataset(cohort, max_instances=2)[0]
     >>> bag.id, bag.instances.shape, bag.instance_names, bag.clinical
     ('P1', torch.Size([2, 3, 8, 8]), ('0.png', '2.png'), tensor([63.]))
+    >>> cached = BagDataset(cohort, max_instances=2, cache_images=True)
+    >>> cached.preload()                  # decode every file now (else: on first access)
+    >>> len(cached.image_cache), torch.equal(cached[0].instances, bag.instances)
+    (3, True)
     """
 
     def __init__(
@@ -250,9 +350,11 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         train: bool = False,
         seed: int = 0,
         clinical_scaler: Any | None = None,
+        cache_images: bool | ImageCache = False,
     ) -> None:
         if not isinstance(cohort, BagCohort):
             raise ConfigError(f"BagDataset: cohort must be a BagCohort, got {type(cohort).__name__}")
+        self.image_cache = _as_cache(cache_images)
         _check_cap(max_instances, seed)
         for record in cohort:
             if record.num_instances == 0:
@@ -310,6 +412,34 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         n = self.cohort[index].num_instances
         return n if self.max_instances is None else min(n, self.max_instances)
 
+    def preload(self, progress: bool = False) -> None:
+        """Decode every image of every bag into :attr:`image_cache` now (all of them, not a subset).
+
+        Without it the cache fills on first access. Call it before handing the
+        dataset to a DataLoader with workers, so the workers share the decoded
+        images instead of each decoding its own copy.
+
+        Parameters
+        ----------
+        progress : bool, default False
+            Show a progress bar.
+
+        Raises
+        ------
+        ConfigError
+            The dataset was built without ``cache_images``.
+        DataError
+            An unreadable image; the message names the patient and the file.
+        """
+        if self.image_cache is None:
+            raise ConfigError("BagDataset.preload: the dataset has no image cache (pass cache_images=True)")
+        from tqdm.auto import tqdm
+
+        for record in tqdm(self.cohort, desc="decoding", disable=not progress, leave=False):
+            owner = f"patient {record.id!r}"
+            for path in record.paths:
+                self.image_cache.open(_resolve_path(path, self.cohort.root), "RGB", owner)
+
     def __getitem__(self, index: int) -> Bag:
         record: BagRecord = self.cohort[index]
         owner = f"patient {record.id!r}"
@@ -323,7 +453,8 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         )
         paths = [_resolve_path(record.paths[int(i)], self.cohort.root) for i in keep]
         images = [
-            _apply_transform(self.transform, _open_image(path, "RGB", owner), path, owner) for path in paths
+            _apply_transform(self.transform, _read_image(self.image_cache, path, "RGB", owner), path, owner)
+            for path in paths
         ]
         shapes = {tuple(x.shape) for x in images}
         if len(shapes) > 1:
@@ -485,16 +616,17 @@ class FeatureBagDataset(_EpochMixin, Dataset[Bag]):
                 )
             self.clinical = clin
         self.clinical_names = tuple(str(c) for c in clinical_names)
+        names_per_bag: list[tuple[str, ...]] | None = None
         if instance_names is not None:
-            instance_names = [tuple(str(s) for s in names) for names in instance_names]
-            if len(instance_names) != n:
+            names_per_bag = [tuple(str(s) for s in names) for names in instance_names]
+            if len(names_per_bag) != n:
                 raise DataError(
-                    f"FeatureBagDataset: instance_names for {len(instance_names)} bags, expected {n}"
+                    f"FeatureBagDataset: instance_names for {len(names_per_bag)} bags, expected {n}"
                 )
-            for bag_id, names, f in zip(ids, instance_names, self.features, strict=True):
+            for bag_id, names, f in zip(ids, names_per_bag, self.features, strict=True):
                 if len(names) != f.shape[0]:
                     raise DataError(f"bag {bag_id!r}: {len(names)} instance names for {f.shape[0]} rows")
-        self.instance_names: list[tuple[str, ...]] | None = instance_names
+        self.instance_names: list[tuple[str, ...]] | None = names_per_bag
         self.max_instances = max_instances
         self.train = bool(train)
         self.seed = int(seed)
@@ -751,9 +883,12 @@ class InstanceDataset(Dataset[Bag]):
     transform : callable or None, default None
         ``PIL.Image -> Tensor (C, H, W)``; ``None`` converts to float32 in [0, 1].
     apply_mask : bool, default False
-        Multiply the image by its segmentation mask (read as grey levels and
-        scaled to [0, 1]) before the transform, for cells whose record has a
+        Multiply the image by its segmentation mask (``{0, 1}`` or grey levels
+        ``{0, ..., 255}``, see :func:`milcell.data.images.mask_weights`) before the
+        transform, for cells whose record has a
         ``mask_path``; cells without a mask are left as they are.
+    cache_images : bool or ImageCache, default False
+        Keep every decoded image (and mask) in memory, as in :class:`BagDataset`.
 
     Raises
     ------
@@ -782,12 +917,14 @@ class InstanceDataset(Dataset[Bag]):
         cells: CellSet,
         transform: Callable[[Image.Image], Tensor] | None = None,
         apply_mask: bool = False,
+        cache_images: bool | ImageCache = False,
     ) -> None:
         if not isinstance(cells, CellSet):
             raise ConfigError(f"InstanceDataset: cells must be a CellSet, got {type(cells).__name__}")
         self.cells = cells
         self.transform = transform if transform is not None else default_transform()
         self.apply_mask = bool(apply_mask)
+        self.image_cache = _as_cache(cache_images)
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -802,21 +939,46 @@ class InstanceDataset(Dataset[Bag]):
         """``(n,)`` patient of each cell (split groups)."""
         return self.cells.groups
 
+    def preload(self, progress: bool = False) -> None:
+        """Decode every image (and mask, with ``apply_mask``) into :attr:`image_cache` now.
+
+        See :meth:`BagDataset.preload`.
+
+        Raises
+        ------
+        ConfigError
+            The dataset was built without ``cache_images``.
+        DataError
+            An unreadable file; the message names the cell and the file.
+        """
+        if self.image_cache is None:
+            raise ConfigError(
+                "InstanceDataset.preload: the dataset has no image cache (pass cache_images=True)"
+            )
+        from tqdm.auto import tqdm
+
+        root = self.cells.root
+        for record in tqdm(self.cells, desc="decoding", disable=not progress, leave=False):
+            owner = f"cell {record.id!r} (patient {record.patient!r})"
+            self.image_cache.open(_resolve_path(record.path, root), "RGB", owner)
+            if self.apply_mask and record.mask_path is not None:
+                self.image_cache.open(_resolve_path(record.mask_path, root), "L", owner)
+
     def __getitem__(self, index: int) -> Bag:
         record = self.cells[index]
         root = self.cells.root
         path = _resolve_path(record.path, root)
         owner = f"cell {record.id!r} (patient {record.patient!r})"
-        image = _open_image(path, "RGB", owner)
+        image = _read_image(self.image_cache, path, "RGB", owner)
         if self.apply_mask and record.mask_path is not None:
             mask_path = _resolve_path(record.mask_path, root)
-            mask = _open_image(mask_path, "L", owner)
+            mask = _read_image(self.image_cache, mask_path, "L", owner)
             if mask.size != image.size:
                 raise DataError(
                     f"{owner}: mask {str(mask_path)!r} is {mask.size[0]}x{mask.size[1]} but image "
                     f"{str(path)!r} is {image.size[0]}x{image.size[1]}"
                 )
-            weights = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+            weights = mask_weights(mask)[..., None]  # {0, 1} and {0, 255} masks alike
             masked = np.asarray(image, dtype=np.float32) * weights
             image = Image.fromarray(np.clip(np.rint(masked), 0, 255).astype(np.uint8), mode="RGB")
         x = _apply_transform(self.transform, image, path, owner)

@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 
 from milcell.exceptions import DataError
 
-__all__ = ["MAX_PIXELS", "read_image", "read_mask"]
+__all__ = ["MAX_PIXELS", "mask_weights", "read_image", "read_mask"]
 
 logger = logging.getLogger("milcell")
 
@@ -160,7 +160,22 @@ def read_mask(path: str | os.PathLike[str], *, owner: str = "", max_pixels: int 
     >>> read_mask(path).tolist()
     [[0.0, 1.0], [1.0, 0.0]]
     """
-    grey = np.asarray(read_image(path, "L", owner=owner, max_pixels=max_pixels), dtype=np.float32)
+    return mask_weights(read_image(path, "L", owner=owner, max_pixels=max_pixels))
+
+
+def mask_weights(mask: Image.Image) -> np.ndarray:
+    """Weights in ``[0, 1]``, shape ``(H, W)``, of an 8-bit mask in either convention.
+
+    A mask whose largest value is at most 1 is a ``{0, 1}`` mask; otherwise grey levels are
+    divided by 255.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> mask_weights(Image.new("L", (2, 1), 1)).tolist()
+    [[1.0, 1.0]]
+    """
+    grey = np.asarray(mask.convert("L") if mask.mode != "L" else mask, dtype=np.float32)
     if grey.size and grey.max() <= 1.0:
         return grey
     return grey / 255.0

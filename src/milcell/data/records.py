@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
-from sklearn.impute import SimpleImputer
-from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from milcell.exceptions import ConfigError, DataError
 
@@ -110,11 +108,17 @@ class CellRecord:
 class ClinicalScaler:
     """Median imputation of missing values, then min-max or standard scaling.
 
-    The statistics are fitted with scikit-learn (``SimpleImputer`` then
-    ``MinMaxScaler`` or ``StandardScaler``). Both scalings are affine per
-    column, so a fitted scaler is three numbers per column — the imputed
-    value, the scale and the offset — which :meth:`to_dict` writes as JSON
-    next to a model's weights and :meth:`from_dict` reads back exactly.
+    The statistics are those of scikit-learn's ``SimpleImputer(strategy="median",
+    keep_empty_features=True)`` followed by ``MinMaxScaler`` or
+    ``StandardScaler``, computed with numpy (so scikit-learn is not imported):
+    the fill value is the median of a column's non-missing values (``0`` for a
+    column with none); min-max scaling maps the column's range to [0, 1];
+    standard scaling subtracts the mean and divides by the population standard
+    deviation. A constant column (zero range, or a variance within rounding
+    error of zero) gets scale ``1``, as in scikit-learn. Both scalings are
+    affine per column, so a fitted scaler is three numbers per column — the
+    imputed value, the scale and the offset — which :meth:`to_dict` writes as
+    JSON next to a model's weights and :meth:`from_dict` reads back exactly.
 
     Parameters
     ----------
@@ -164,22 +168,49 @@ class ClinicalScaler:
         return x
 
     def fit(self, x: np.ndarray) -> ClinicalScaler:
-        """Fit on ``x`` of shape ``(n, F)`` (training rows only); returns self."""
+        """Fit on ``x`` of shape ``(n, F)`` (training rows only); returns self.
+
+        Raises
+        ------
+        DataError
+            If ``x`` has the wrong shape, no rows, or an infinite value (the
+            message names the attribute).
+        """
         x = self._check(x)
         if x.shape[0] == 0:
             raise DataError("ClinicalScaler.fit: no rows to fit on")
-        imputer = SimpleImputer(strategy="median", keep_empty_features=True)
-        imputed = imputer.fit_transform(x)
+        infinite = np.isinf(x).any(axis=0)
+        if infinite.any():
+            bad = [name for name, inf in zip(self.names, infinite, strict=True) if inf]
+            raise DataError(f"ClinicalScaler.fit: infinite values in attribute(s) {bad}")
+        missing = np.isnan(x)
+        # Median of the observed values; 0 for a column with none (SimpleImputer, keep_empty_features=True).
+        fill = np.array(
+            [
+                np.median(col[~miss]) if not miss.all() else 0.0
+                for col, miss in zip(x.T, missing.T, strict=True)
+            ],
+            dtype=np.float64,
+        ).reshape(x.shape[1])
+        imputed = np.where(missing, fill, x)
+        n = imputed.shape[0]
+        eps = np.finfo(np.float64).eps
         if self.method == "minmax":
-            minmax = MinMaxScaler().fit(imputed)
-            scale, offset = minmax.scale_, minmax.min_
+            low = imputed.min(axis=0)
+            span = imputed.max(axis=0) - low
+            span[span < 10 * eps] = 1.0  # MinMaxScaler's rule for a constant column
+            scale = 1.0 / span
+            offset = -low * scale
         else:
-            standard = StandardScaler().fit(imputed)
-            scale = 1.0 / standard.scale_
-            offset = -standard.mean_ * scale
-        self.fill = np.asarray(imputer.statistics_, dtype=np.float64)
-        self.scale = np.asarray(scale, dtype=np.float64)
-        self.offset = np.asarray(offset, dtype=np.float64)
+            # Corrected two-pass variance, as StandardScaler computes it (Chan, Golub & LeVeque).
+            mean = imputed.sum(axis=0) / n
+            centred = imputed - mean
+            var = ((centred**2).sum(axis=0) - centred.sum(axis=0) ** 2 / n) / n
+            std = np.sqrt(var)
+            std[var <= n * eps * var + (n * mean * eps) ** 2] = 1.0  # StandardScaler's constant-column rule
+            scale = 1.0 / std
+            offset = -mean * scale
+        self.fill, self.scale, self.offset = fill, scale, offset
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:

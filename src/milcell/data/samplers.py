@@ -28,7 +28,6 @@ Examples
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from milcell._validation import check_int, check_real
 from milcell.exceptions import ConfigError, DataError
 
 __all__ = ["ClassBalancedSampler", "MinorityOversampler"]
@@ -59,21 +59,13 @@ def _labels_of(source: Any) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
-    return int(seed)
-
-
 class _EpochSampler(Sampler[int]):
     seed: int
     epoch: int
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose seed the next pass uses (then it advances by one per pass)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise ConfigError(f"set_epoch: epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = check_int(epoch, "epoch", low=0)
 
     def _generator(self) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
@@ -134,7 +126,7 @@ class ClassBalancedSampler(_EpochSampler):
         seed: int = 0,
     ) -> None:
         y = _labels_of(labels)
-        self.seed = _check_seed(seed)
+        self.seed = check_int(seed, "seed", low=0)
         self.epoch = 0
         self.labels = y
         labelled = y >= 0
@@ -143,16 +135,15 @@ class ClassBalancedSampler(_EpochSampler):
         weights[labelled] = 1.0 / counts[y[labelled]]
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         n_labelled = int(labelled.sum())
-        if num_samples is None:
-            num_samples = n_labelled
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-            raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not replacement and num_samples > n_labelled:
+        self.num_samples: int = (
+            n_labelled if num_samples is None else check_int(num_samples, "num_samples", low=1)
+        )
+        self.replacement: bool = bool(replacement)
+        if not self.replacement and self.num_samples > n_labelled:
             raise ConfigError(
-                f"num_samples={num_samples} exceeds the {n_labelled} labelled samples with replacement=False"
+                f"num_samples={self.num_samples} exceeds the {n_labelled} labelled samples "
+                "with replacement=False"
             )
-        self.num_samples = int(num_samples)
-        self.replacement = bool(replacement)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -213,21 +204,17 @@ class MinorityOversampler(_EpochSampler):
         seed: int = 0,
     ) -> None:
         y = _labels_of(labels)
-        if factor is not None and (
-            isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not float(factor) >= 1.0
-        ):
-            raise ConfigError(f"factor must be None or a number >= 1, got {factor!r}")
-        self.seed = _check_seed(seed)
+        self.factor = None if factor is None else check_real(factor, "factor", low=1.0)
+        self.seed = check_int(seed, "seed", low=0)
         self.epoch = 0
         self.labels = y
-        self.factor = None if factor is None else float(factor)
         self.shuffle = bool(shuffle)
         classes, counts = np.unique(y[y >= 0], return_counts=True)
         majority = int(counts.max())
         self._members = {int(c): torch.as_tensor(np.flatnonzero(y == c)) for c in classes}
         self.class_counts: dict[int, tuple[int, int]] = {}
         for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
-            target = n if n == majority else (majority if factor is None else round(float(factor) * n))
+            target = n if n == majority else (majority if self.factor is None else round(self.factor * n))
             self.class_counts[int(c)] = (int(n), int(target))
 
     def __len__(self) -> int:

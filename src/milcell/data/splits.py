@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from milcell._validation import check_int, check_real, constraint_error
 from milcell.data.records import BagCohort, CellSet
 from milcell.exceptions import ConfigError, DataError
 
@@ -118,12 +118,6 @@ def _labelled(y: np.ndarray, what: str) -> np.ndarray:
     return keep
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _group_labels(y: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique groups and the most frequent label of each (ties: smallest label)."""
     uniq, inverse = np.unique(g.astype(str), return_inverse=True)
@@ -153,7 +147,7 @@ def patient_kfold(
         patient (``StratifiedKFold``); otherwise ``StratifiedGroupKFold``.
     n_splits : int, default 5
         Folds per repetition, at least 2 and at most the number of patients
-        of the smallest class.
+        of the smallest class. Integer arguments may be numpy integers.
     n_repeats : int, default 1
         Repetitions, each shuffled with a different seed derived from ``seed``.
     seed : int, default 0
@@ -182,9 +176,9 @@ def patient_kfold(
     [(0, 0, 4, 4), (0, 1, 4, 4), (1, 0, 4, 4), (1, 1, 4, 4)]
     """
     y, g = _inputs(labels, groups)
-    n_splits = _check_int("n_splits", n_splits, 2)
-    n_repeats = _check_int("n_repeats", n_repeats, 1)
-    seed = _check_int("seed", seed, 0)
+    n_splits = check_int(n_splits, "n_splits", low=2)
+    n_repeats = check_int(n_repeats, "n_repeats", low=1)
+    seed = check_int(seed, "seed", low=0)
     keep = _labelled(y, "patient_kfold")
     y_l = y[keep]
     g_l = None if g is None else g[keep]
@@ -205,6 +199,8 @@ def patient_kfold(
             f"patient_kfold: n_splits={n_splits} is greater than the {int(per_class[smallest])} patient(s) "
             f"of class {int(classes[smallest])}"
         )
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     seeds = np.random.SeedSequence(seed).generate_state(n_repeats)
     folds: list[Fold] = []
     for repeat, rep_seed in enumerate(seeds):
@@ -265,17 +261,13 @@ def patient_holdout(
     (5, 5)
     """
     y, g = _inputs(labels, groups)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int(seed, "seed", low=0)
     if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
-        raise ConfigError(
-            f"test_size must be a fraction in (0, 1) or a number of patients, got {test_size!r}"
-        )
+        raise constraint_error("test_size", "a fraction in (0, 1) or a number of patients >= 1", test_size)
     if isinstance(test_size, numbers.Integral):
-        if test_size < 1:
-            raise ConfigError(f"test_size must be >= 1 patient, got {test_size}")
-        test_size = int(test_size)
-    elif not 0.0 < float(test_size) < 1.0:
-        raise ConfigError(f"test_size must be a fraction in (0, 1), got {test_size}")
+        test_size = check_int(test_size, "test_size", low=1)
+    else:
+        test_size = check_real(test_size, "test_size", low=0.0, high=1.0, low_open=True, high_open=True)
     keep = _labelled(y, "patient_holdout")
     y_l = y[keep]
     if g is None:
@@ -293,6 +285,8 @@ def patient_holdout(
             f"patient_holdout: class {int(classes[np.argmin(counts)])} has only {int(counts.min())} patient, "
             "need at least 2 to put one on each side"
         )
+    from sklearn.model_selection import train_test_split
+
     patients = np.arange(patient_labels.size)
     try:
         _, test_p = train_test_split(

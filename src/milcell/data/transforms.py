@@ -31,8 +31,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
 
 from milcell.exceptions import ConfigError
 
@@ -50,11 +48,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 """ImageNet channel standard deviations, the default ``std`` of a data config."""
 
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+# torchvision is imported by the functions that build transforms, not by ``import milcell``.
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 def resolve_data_config(config: Mapping[str, Any] | nn.Module) -> dict[str, Any]:
@@ -98,7 +93,7 @@ def resolve_data_config(config: Mapping[str, Any] | nn.Module) -> dict[str, Any]
     if (
         not isinstance(size, Sequence)
         or len(size) != 3
-        or not all(isinstance(s, numbers.Integral) and s > 0 for s in size)
+        or not all(isinstance(s, numbers.Integral) and int(s) > 0 for s in size)
     ):
         raise ConfigError(f"data config 'input_size' must be three positive ints (C, H, W), got {size!r}")
     channels = int(size[0])
@@ -155,10 +150,12 @@ class CenterCropFraction(nn.Module):
         super().__init__()
         if not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) <= 1.0:
             raise ConfigError(f"center_crop fraction must be in (0, 1], got {fraction!r}")
-        self.fraction = float(fraction)
+        self.fraction: float = float(fraction)
 
     def forward(self, image: Any) -> Any:
         """Crop ``image`` (a tensor ``(C, H, W)`` or a PIL image)."""
+        from torchvision.transforms.v2 import functional as F
+
         height, width = F.get_size(image)
         size = [max(1, round(height * self.fraction)), max(1, round(width * self.fraction))]
         return F.center_crop(image, size)
@@ -168,6 +165,8 @@ class CenterCropFraction(nn.Module):
 
 
 def _center_crop(center_crop: int | float | Sequence[int] | str | None, crop_pct: float) -> nn.Module | None:
+    from torchvision.transforms import v2
+
     if center_crop is None:
         return None
     if center_crop == "config":
@@ -255,6 +254,8 @@ def build_transforms(
     >>> torch.equal(tf(Image.new("RGB", (40, 30))), tf(Image.new("RGB", (40, 30))))
     True
     """
+    from torchvision.transforms import InterpolationMode, v2
+
     cfg = resolve_data_config(data_config)
     if not isinstance(rotation, numbers.Real) or isinstance(rotation, bool) or not 0 <= rotation <= 180:
         raise ConfigError(f"rotation must be a number of degrees in [0, 180], got {rotation!r}")
@@ -266,7 +267,7 @@ def build_transforms(
     if crop is not None:
         steps.append(crop)
     steps.append(
-        v2.Resize((height, width), interpolation=_INTERPOLATIONS[cfg["interpolation"]], antialias=True)
+        v2.Resize((height, width), interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
     )
     if train:
         if hflip:
@@ -304,4 +305,6 @@ def default_transform() -> Callable[[Image.Image], Tensor]:
     >>> x.shape, x.max().item()
     (torch.Size([3, 4, 5]), 1.0)
     """
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])

@@ -13,10 +13,15 @@ classification model through the ``"torchvision/"`` prefix (e.g.
 the presets used by the reproduced reports, including the K-scaled
 mini-ResNet (:mod:`milcell.nn.mini_resnet`).
 
-**Weights.** ``pretrained=True`` uses timm's (or torchvision's) normal download; offline it
-fails at once with a :class:`~milcell.exceptions.CheckpointError` that says
-how to pass a local file. ``checkpoint_path`` (safetensors or a torch state
-dict, read with ``weights_only=True``) always works and never unpickles code.
+**Weights.** ``pretrained=True`` uses timm's (or torchvision's) normal download. Offline
+(``HF_HUB_OFFLINE=1``), or when a short probe cannot open a connection to the
+weights' host (or to the https proxy) within a few seconds, it fails at once
+with a :class:`~milcell.exceptions.CheckpointError` that says how to pass a
+local file, instead of waiting for the hub's retries. ``checkpoint_path``
+(safetensors or a torch state dict, read with ``weights_only=True``) always
+works and never unpickles code; torchvision's GoogLeNet and Inception-v3
+ImageNet files load as they are (their auxiliary-classifier keys are dropped,
+and ``transform_input=True`` is set as torchvision does for these weights).
 
 **Trainable parts.** ``trainable="all"`` trains everything; ``trainable="head"`` freezes every
 backbone parameter (a frozen feature extractor: only the pooling and head on
@@ -41,7 +46,11 @@ import difflib
 import logging
 import os
 import re
+import socket
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,10 +62,12 @@ from timm.models import group_parameters
 from torch import Tensor, nn
 
 import milcell.nn.mini_resnet  # noqa: F401  (registers the mini-ResNet models with timm)
+from milcell._validation import check_choice, check_int, constraint_error
 from milcell.exceptions import CheckpointError, ConfigError
 
 __all__ = [
     "BACKBONE_PRESETS",
+    "NETWORK_PROBE_TIMEOUT_S",
     "Backbone",
     "backbone_stages",
     "create_backbone",
@@ -95,10 +106,18 @@ _IMAGENET_CONFIG: dict[str, Any] = {
 }
 # Classifier prefixes that a checkpoint may carry and a feature extractor does not need.
 _CLASSIFIER_PREFIXES = ("fc", "classifier", "head", "heads", "last_linear", "head_dist")
+# Auxiliary classifiers of torchvision's GoogLeNet / Inception-v3 (training aids, not features).
+_AUX_PREFIXES = ("aux1", "aux2", "AuxLogits")
+# torchvision models whose ImageNet weights expect transform_input=True (torchvision sets it for them).
+_TRANSFORM_INPUT_ARCHS = ("googlenet", "inception_v3")
+_IMAGENET_CLASSES = 1000
 _OFFLINE_HINT = (
     "download pretrained weights where the network is reachable, or pass a local weights file with "
-    "checkpoint_path='model.safetensors' (safetensors or a torch state dict)"
+    "checkpoint_path='model.safetensors' (safetensors or a torch state dict), or set HF_HUB_OFFLINE=1 "
+    "to use only weights already in the local cache"
 )
+#: Seconds the connectivity probe waits before ``pretrained=True`` gives up (DNS and TCP connect).
+NETWORK_PROBE_TIMEOUT_S = 5.0
 
 
 def list_backbones() -> list[str]:
@@ -202,6 +221,57 @@ def _is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _probe_target(url: str) -> tuple[str, int]:
+    """``(host, port)`` a download of ``url`` connects to first: the proxy for it, if any."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_url.hostname:
+            return proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    return host, port
+
+
+def _check_reachable(url: str, what: str, timeout: float | None = None) -> None:
+    """Raise :class:`CheckpointError` unless a TCP connection to ``url``'s host opens in time.
+
+    A download without network would otherwise wait for the hub's retries (about
+    a minute), or longer where packets are silently dropped. Name resolution has
+    no timeout of its own, so the probe runs in a daemon thread that is
+    abandoned when ``timeout`` (default :data:`NETWORK_PROBE_TIMEOUT_S`) passes.
+    """
+    limit = NETWORK_PROBE_TIMEOUT_S if timeout is None else float(timeout)
+    host, port = _probe_target(url)
+    if not host:
+        return
+    failure: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=limit).close()
+        except Exception as exc:  # any failure to connect means: no usable network
+            failure.append(f"{type(exc).__name__}: {exc}")
+
+    start = time.monotonic()
+    thread = threading.Thread(target=probe, name="milcell-network-probe", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        failure.append(f"no answer within {limit:g} s")
+    if failure:
+        raise CheckpointError(
+            f"create_backbone: cannot reach {host}:{port} to download pretrained weights for {what} "
+            f"({failure[0][:200]}, after {time.monotonic() - start:.1f} s); {_OFFLINE_HINT}"
+        )
+
+
 def _weights_cached(cfg: Any) -> bool:
     """Whether timm would find the pretrained weights of ``cfg`` without the network."""
     if getattr(cfg, "file", None):
@@ -234,11 +304,20 @@ def _create_timm(
                 f"create_backbone: timm has no pretrained weights for {name!r}; use pretrained=False "
                 "or pass checkpoint_path='weights.safetensors'"
             )
-        if _is_offline() and not _weights_cached(cfg):
-            raise CheckpointError(
-                f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and pretrained weights for "
-                f"{name!r} are not in the local cache; {_OFFLINE_HINT}"
-            )
+        if not _weights_cached(cfg):
+            if _is_offline():
+                raise CheckpointError(
+                    f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and pretrained weights for "
+                    f"{name!r} are not in the local cache; {_OFFLINE_HINT}"
+                )
+            source = f"{_hf_endpoint()}/" if getattr(cfg, "hf_hub_id", None) else str(cfg.url or "")
+            _check_reachable(source, repr(name))
+    elif pretrained and name.startswith(("hf-hub:", "hf_hub:")) and not _is_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = name.split(":", 1)[1].split("@")[0]
+        if not isinstance(try_to_load_from_cache(repo, "config.json"), str):  # timm fetches it first
+            _check_reachable(f"{_hf_endpoint()}/", repr(name))
     start = time.monotonic()
     try:
         model = timm.create_model(
@@ -253,7 +332,8 @@ def _create_timm(
             f"create_backbone: could not get pretrained weights for {name!r} after "
             f"{time.monotonic() - start:.1f} s ({type(exc).__name__}: {str(exc)[:200]}); {_OFFLINE_HINT}"
         ) from exc
-    num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    hidden: Any = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    num_features = int(hidden)
     data_config = dict(timm.data.resolve_model_data_config(model))
     if data_config["input_size"][0] != in_chans:
         data_config["input_size"] = (in_chans, *data_config["input_size"][1:])
@@ -268,6 +348,15 @@ def _create_timm(
     return model, num_features, data_config
 
 
+def _holds_imagenet_classifier(state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` carries a 1000-class ``fc`` (an ImageNet classification checkpoint)."""
+    for prefix in ("", "module.", "model."):
+        weight = state.get(f"{prefix}fc.weight")
+        if weight is not None and weight.ndim == 2 and weight.shape[0] == _IMAGENET_CLASSES:
+            return True
+    return False
+
+
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     found = None
     for module_name, module in model.named_modules():
@@ -277,8 +366,20 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 
 def _create_torchvision(
-    arch: str, pretrained: bool, in_chans: int, kwargs: dict[str, Any]
+    arch: str,
+    pretrained: bool,
+    in_chans: int,
+    kwargs: dict[str, Any],
+    checkpoint: Mapping[str, Tensor] | None = None,
 ) -> tuple[nn.Module, int, dict[str, Any]]:
+    """Build ``torchvision.models.<arch>`` without its classifier.
+
+    ``checkpoint`` is the state dict about to be loaded (its weights replace
+    the initialisation, which is then skipped); when it is torchvision's own
+    ImageNet file (a 1000-class ``fc``), the model is configured as torchvision
+    configures it for those weights (``transform_input=True`` for GoogLeNet
+    and Inception-v3, and the weights' input size).
+    """
     import torchvision
 
     classification = set(torchvision.models.list_models(module=torchvision.models))
@@ -293,18 +394,28 @@ def _create_torchvision(
             f"create_backbone: torchvision models take in_chans=3 only, got in_chans={in_chans}"
         )
     kwargs = dict(kwargs)
-    if arch in ("googlenet", "inception_v3") and not pretrained:
+    imagenet_file = checkpoint is not None and _holds_imagenet_classifier(checkpoint)
+    if arch in _TRANSFORM_INPUT_ARCHS and not pretrained:
         kwargs.setdefault("aux_logits", False)
-        kwargs.setdefault("init_weights", True)
+        kwargs.setdefault("init_weights", checkpoint is None)  # loaded weights replace the init
+        if imagenet_file and "transform_input" not in kwargs:
+            kwargs["transform_input"] = True
+            logger.info(
+                "create_backbone(torchvision/%s): ImageNet weights file, so transform_input=True "
+                "(as torchvision sets it for these weights)",
+                arch,
+            )
     weights = None
     if pretrained:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if _is_offline() and not cached.exists():
-            raise CheckpointError(
-                f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and torchvision weights for "
-                f"{arch!r} are not cached at {cached}; {_OFFLINE_HINT}"
-            )
+        if not cached.exists():
+            if _is_offline():
+                raise CheckpointError(
+                    f"create_backbone: the hub is offline (HF_HUB_OFFLINE=1) and torchvision weights for "
+                    f"{arch!r} are not cached at {cached}; {_OFFLINE_HINT}"
+                )
+            _check_reachable(str(weights.url), f"torchvision/{arch}")
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except TypeError as exc:
@@ -318,7 +429,7 @@ def _create_torchvision(
         ) from exc
     if getattr(model, "aux_logits", False):  # auxiliary classifiers are training aids, not features
         model.aux_logits = False
-        for aux in ("aux1", "aux2", "AuxLogits"):
+        for aux in _AUX_PREFIXES:
             if hasattr(model, aux):
                 setattr(model, aux, None)
     found = _last_linear(model)
@@ -328,6 +439,9 @@ def _create_torchvision(
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
     setattr(parent, path.rpartition(".")[2], nn.Identity())
     data_config = dict(_IMAGENET_CONFIG)
+    if weights is None and imagenet_file:
+        # the input size of torchvision's ImageNet weights (299 px for Inception-v3); no download
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
     if weights is not None:
         size = getattr(weights.transforms(), "crop_size", None)
         if size:
@@ -353,22 +467,33 @@ def create_backbone(
         ``"milcell_mini_resnet_k32"``) or ``"torchvision/<name>"`` for a
         torchvision classification model (e.g. ``"torchvision/googlenet"``).
     pretrained : bool, default False
-        Download ImageNet weights through timm/torchvision. Offline this
-        raises :class:`CheckpointError` at once; pass ``checkpoint_path`` instead.
+        Download ImageNet weights through timm/torchvision (or use them from
+        the local cache). Without network it raises :class:`CheckpointError`
+        within seconds: at once when ``HF_HUB_OFFLINE=1``, otherwise after a
+        connectivity probe of at most :data:`NETWORK_PROBE_TIMEOUT_S` seconds;
+        pass ``checkpoint_path`` instead.
     checkpoint_path : path or None, default None
         Local weights (``.safetensors`` or a torch state dict). Backbone keys
         must match exactly; classifier keys (``fc.*``, ``classifier.*``,
-        ``head.*``) are ignored. Takes precedence over ``pretrained``.
+        ``head.*``) and the auxiliary classifiers of torchvision's GoogLeNet
+        and Inception-v3 (``aux1.*``, ``aux2.*``, ``AuxLogits.*``) are dropped
+        with a logged note. A torchvision GoogLeNet / Inception-v3 ImageNet file
+        (1000-class ``fc``) also sets ``transform_input=True``, as torchvision
+        does for those weights (pass ``transform_input=False`` to override).
+        Takes precedence over ``pretrained``.
     trainable : {"all", "head"} or int, default "all"
-        ``"all"``: every parameter trains. ``"head"``: no backbone parameter
-        trains (a frozen feature extractor). ``k``: only the last ``k`` stages
-        (and whatever follows them, such as a final norm) train.
+        ``"all"``: every parameter trains. ``"head"`` (or ``0``): no backbone
+        parameter trains (a frozen feature extractor). ``k``: only the last
+        ``k`` stages (and whatever follows them, such as a final norm) train.
+        A numpy integer is accepted.
     in_chans : int, default 3
-        Input channels ``C``.
+        Input channels ``C`` (a numpy integer is accepted).
     **timm_kwargs
         Passed to ``timm.create_model`` (e.g. ``img_size=32`` for a ViT,
         ``global_pool="flatten"`` or ``norm_layer="groupnorm"`` for the
-        mini-ResNet) or to ``torchvision.models.get_model``.
+        mini-ResNet) or to ``torchvision.models.get_model``. ``num_classes``
+        is ignored (the classifier is always removed; it must be an integer
+        ``>= 0``).
 
     Returns
     -------
@@ -395,25 +520,35 @@ def create_backbone(
     milcell.exceptions.ConfigError: create_backbone: unknown backbone name 'resnet_18'; did you mean ...
     """
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"create_backbone: name must be a non-empty string, got {name!r}")
-    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
-        raise ConfigError(f"create_backbone: in_chans must be a positive int, got {in_chans!r}")
-    _check_trainable(trainable)
-    timm_kwargs.pop("num_classes", None)
-    download = bool(pretrained) and checkpoint_path is None
+        raise constraint_error("create_backbone: name", "a non-empty string", name)
+    in_chans = check_int(in_chans, "create_backbone: in_chans", low=1)
+    trainable = _check_trainable(trainable)
+    pretrained = bool(check_choice(pretrained, "create_backbone: pretrained", (True, False)))
+    if "num_classes" in timm_kwargs:
+        ignored = check_int(timm_kwargs.pop("num_classes"), "create_backbone: num_classes", low=0)
+        if ignored:
+            logger.warning(
+                "create_backbone(%s): num_classes=%d ignored; a backbone has no classifier "
+                "(the MIL model's head sets the classes)",
+                name,
+                ignored,
+            )
+    download = pretrained and checkpoint_path is None
     if pretrained and checkpoint_path is not None:
         logger.info("create_backbone(%s): checkpoint_path given, not downloading pretrained weights", name)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    state = None if path is None else _read_state_dict(path)  # before building: it may configure it
     if name.startswith(TORCHVISION_PREFIX):
         model, num_features, data_config = _create_torchvision(
-            name[len(TORCHVISION_PREFIX) :], download, in_chans, timm_kwargs
+            name[len(TORCHVISION_PREFIX) :], download, in_chans, timm_kwargs, checkpoint=state
         )
     else:
         model, num_features, data_config = _create_timm(name, download, in_chans, timm_kwargs)
     backbone = Backbone(
         model, name=name, num_features=num_features, data_config=data_config, in_chans=in_chans
     )
-    if checkpoint_path is not None:
-        load_backbone_weights(backbone.model, checkpoint_path)
+    if path is not None and state is not None:
+        _load_state(backbone.model, state, path)
     set_trainable(backbone, trainable)
     return backbone
 
@@ -478,6 +613,10 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: str | os.PathLike[s
         ``.safetensors`` file, or a torch state dict (loaded with
         ``torch.load(..., weights_only=True)``; a ``{"state_dict": ...}`` or
         ``{"model": ...}`` wrapper and a ``module.`` prefix are accepted).
+        Classifier keys (``fc.*``, ``classifier.*``, ``head.*`` ...) and the
+        auxiliary-classifier keys of torchvision's GoogLeNet / Inception-v3
+        (``aux1.*``, ``aux2.*``, ``AuxLogits.*``) that the model lacks are
+        dropped with a logged note; every other key must match.
 
     Raises
     ------
@@ -500,13 +639,19 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: str | os.PathLike[s
     path = Path(checkpoint_path)
     if isinstance(model, Backbone):
         model = model.model
-    state = _read_state_dict(path)
+    _load_state(model, _read_state_dict(path), path)
+
+
+def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """Strictly load ``state`` (read from ``path``) into the classifier-free ``model``."""
     expected = model.state_dict()
+    state = dict(state)
     for prefix in ("module.", "model."):
         if not (state.keys() & expected.keys()) and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     ignored = [k for k in state if k not in expected and k.split(".")[0] in _CLASSIFIER_PREFIXES]
-    for k in ignored:
+    auxiliary = [k for k in state if k not in expected and k.split(".")[0] in _AUX_PREFIXES]
+    for k in ignored + auxiliary:
         del state[k]
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -527,16 +672,29 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: str | os.PathLike[s
     model.load_state_dict(state, strict=True)
     if ignored:
         logger.info("loaded %s, ignoring classifier keys %s", path, ignored[:5])
+    if auxiliary:
+        heads = sorted({k.split(".")[0] for k in auxiliary})
+        logger.info(
+            "loaded %s, dropping %d keys of the auxiliary classifiers %s (training aids the backbone "
+            "does not have)",
+            path,
+            len(auxiliary),
+            heads,
+        )
 
 
 # ----------------------------------------------------------------------------------------- trainable
-def _check_trainable(trainable: str | int) -> None:
-    if isinstance(trainable, bool) or not (
-        trainable in ("all", "head") or (isinstance(trainable, int) and trainable >= 0)
-    ):
-        raise ConfigError(
-            f"trainable must be 'all', 'head' or a number of last stages (int >= 0), got {trainable!r}"
-        )
+def _check_trainable(trainable: Any) -> str | int:
+    """``trainable`` validated and canonical: ``"all"``, ``"head"`` (also for 0) or an int ``k >= 1``."""
+    constraint = "'all', 'head' or a number of last stages (an integer >= 0)"
+    try:
+        if isinstance(trainable, str):
+            value: str | int = check_choice(trainable, "trainable", ("all", "head"))
+        else:
+            value = check_int(trainable, "trainable", low=0)
+    except ConfigError:
+        raise constraint_error("trainable", constraint, trainable) from None
+    return "head" if value == 0 else value
 
 
 def _patterns(spec: Any) -> list[re.Pattern[str]]:
@@ -606,8 +764,8 @@ def set_trainable(model: nn.Module, trainable: str | int) -> None:
     Parameters
     ----------
     model : nn.Module
-        A :class:`Backbone` (records ``trainable``) or a bare network.
-    trainable : {"all", "head"} or int
+        A :class:`Backbone` (records ``trainable``, ``"head"`` for 0) or a bare network.
+    trainable : {"all", "head"} or int (numpy integers accepted)
         ``"all"``: everything trains; ``"head"`` (or 0): nothing in the backbone
         trains, it is a frozen feature extractor; ``k``: the last ``k`` stages
         and the tail after them train, the stem and earlier stages are frozen.
@@ -625,12 +783,12 @@ def set_trainable(model: nn.Module, trainable: str | int) -> None:
     >>> any(p.requires_grad for p in bb.parameters())
     False
     """
-    _check_trainable(trainable)
+    trainable = _check_trainable(trainable)
     net = model.model if isinstance(model, Backbone) else model
     params = dict(net.named_parameters())
     if trainable == "all":
         keep: Iterable[str] = params
-    elif trainable in ("head", 0):
+    elif trainable == "head":
         keep = ()
         logger.info("backbone frozen (trainable='head'): it is a fixed feature extractor")
     else:

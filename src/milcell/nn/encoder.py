@@ -34,9 +34,80 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from milcell._validation import check_int
 from milcell.exceptions import ConfigError, ShapeError
 
-__all__ = ["InstanceEncoder"]
+__all__ = ["InstanceEncoder", "encode_in_chunks"]
+
+
+def encode_in_chunks(
+    backbone: nn.Module,
+    instances: Tensor,
+    chunk_size: int | None = None,
+    *,
+    checkpointing: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Run ``backbone`` over ``instances (T, C, H, W)`` in chunks of ``chunk_size`` → ``(T, D)``.
+
+    The one chunked backbone call of milcell: :class:`InstanceEncoder` and
+    :func:`~milcell.train.features.extract_features` use it.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Maps ``(n, C, H, W)`` to ``(n, D)``.
+    instances : Tensor
+        ``(T, ...)`` packed instances, ``T >= 1``.
+    chunk_size : int or None, default None
+        Instances per backbone call; ``None`` runs all ``T`` at once.
+    checkpointing : bool, default False
+        Recompute each chunk's activations in the backward pass
+        (``torch.utils.checkpoint``, ``use_reentrant=False``) when gradients are needed.
+    device : torch.device or str, optional
+        Move each chunk there before its call (the instances themselves stay
+        where they are, so only one chunk of images is on the device at a time).
+
+    Returns
+    -------
+    Tensor
+        ``(T, D)`` features, on the device and in the dtype the backbone produces.
+
+    Raises
+    ------
+    ConfigError
+        A ``chunk_size`` that is not an integer ``>= 1``.
+    ShapeError
+        A backbone output that is not ``(n, D)`` for a chunk of ``n`` instances.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(12, 5))
+    >>> x = torch.rand(7, 3, 2, 2)
+    >>> torch.allclose(encode_in_chunks(net, x, chunk_size=3), net(x))
+    True
+    """
+    size = instances.shape[0] if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
+    target = None if device is None else torch.device(device)
+    needs_params = any(p.requires_grad for p in backbone.parameters())
+    outputs = []
+    for chunk in instances.split(max(1, size)):
+        if target is not None:
+            chunk = chunk.to(target, non_blocking=target.type == "cuda")
+        needs_grad = torch.is_grad_enabled() and (chunk.requires_grad or needs_params)
+        out = (
+            checkpoint(backbone, chunk, use_reentrant=False)
+            if checkpointing and needs_grad
+            else backbone(chunk)
+        )
+        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != chunk.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeError(
+                f"the backbone must return (T, D) features, got {shape} for {chunk.shape[0]} instances"
+            )
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 class InstanceEncoder(nn.Module):
@@ -49,7 +120,8 @@ class InstanceEncoder(nn.Module):
         :class:`~milcell.nn.backbones.Backbone`. Its ``num_features`` (``D``)
         and ``in_chans`` attributes are used when present.
     chunk_size : int or None, default None
-        Instances per backbone call; ``None`` runs all ``T`` at once.
+        Instances per backbone call (``>= 1``, a numpy integer is fine);
+        ``None`` runs all ``T`` at once.
     checkpointing : bool, default False
         Recompute each chunk's activations in the backward pass
         (``torch.utils.checkpoint``, ``use_reentrant=False``) instead of storing them.
@@ -90,14 +162,8 @@ class InstanceEncoder(nn.Module):
             raise ConfigError(
                 f"InstanceEncoder: backbone must be an nn.Module, got {type(backbone).__name__}"
             )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ConfigError(
-                f"InstanceEncoder: chunk_size must be a positive int or None, got {chunk_size!r}"
-            )
         self.backbone = backbone
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         self.checkpointing = bool(checkpointing)
         self.freeze_bn_stats = bool(freeze_bn_stats)
         features = getattr(backbone, "num_features", None)
@@ -134,16 +200,6 @@ class InstanceEncoder(nn.Module):
                 f"InstanceEncoder: instances must be floating point images, got {instances.dtype}"
             )
 
-    def _run(self, chunk: Tensor) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and (
-            chunk.requires_grad or any(p.requires_grad for p in self.backbone.parameters())
-        )
-        if self.checkpointing and needs_grad:
-            out = checkpoint(self.backbone, chunk, use_reentrant=False)
-        else:
-            out = self.backbone(chunk)
-        return out
-
     def forward(self, instances: Tensor) -> Tensor:
         """Encode packed instances.
 
@@ -163,15 +219,12 @@ class InstanceEncoder(nn.Module):
             Wrong rank, wrong channel count, non-float or empty ``instances``.
         """
         self._check(instances)
-        total = instances.shape[0]
-        size = total if self.chunk_size is None else min(self.chunk_size, total)
-        outputs = [self._run(chunk) for chunk in instances.split(size)]
-        features = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        if features.ndim != 2 or features.shape[0] != total:
-            raise ShapeError(
-                f"InstanceEncoder: the backbone must return (T, D) features, got {tuple(features.shape)}"
+        try:
+            return encode_in_chunks(
+                self.backbone, instances, self.chunk_size, checkpointing=self.checkpointing
             )
-        return features
+        except ShapeError as exc:
+            raise ShapeError(f"InstanceEncoder: {exc}") from exc
 
     def extra_repr(self) -> str:
         return (

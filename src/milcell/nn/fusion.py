@@ -49,12 +49,12 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
+from milcell._validation import check_int
 from milcell.exceptions import ConfigError, ShapeError
 from milcell.nn.pooling import (
     _check_clinical,
     _check_dropout,
     _check_hidden,
-    _check_positive_int,
     _mlp,
     _no_autocast,
 )
@@ -148,10 +148,15 @@ def create_fusion(
     Raises
     ------
     ConfigError
-        For an unknown name or an option the head does not take.
+        For an unknown name, an option the head does not take, or an invalid
+        value (the message names the argument). Numpy integer and real
+        scalars are accepted and stored as plain ``int`` / ``float``.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> create_fusion("concat", np.int64(8), np.int64(3), np.int32(2)).clinical_dim
+    3
     >>> head = create_fusion("linear", 512, 0, 2, hidden=(512,))
     >>> head(torch.randn(3, 512), None).logits.shape
     torch.Size([3, 2])
@@ -216,8 +221,8 @@ class ClinicalMLP(nn.Module):
         self, in_dim: int, num_classes: int = 2, hidden: Sequence[int] = (10,), dropout: float = 0.0
     ):
         super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
+        self.in_dim = check_int(in_dim, "in_dim", low=1)
+        self.num_classes = check_int(num_classes, "num_classes", low=1)
         self.net = _mlp(self.in_dim, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
 
     def forward(self, clinical: Tensor) -> Tensor:
@@ -228,7 +233,8 @@ class ClinicalMLP(nn.Module):
         ShapeError
             If ``clinical`` is not ``(B, F)`` floating point.
         DataError
-            If it holds NaN or inf (the message names the bag).
+            If it holds NaN or inf (the message names the bag); only while
+            the value checks are on (:func:`milcell.checks`).
         """
         batch = clinical.shape[0] if isinstance(clinical, Tensor) and clinical.dim() >= 1 else -1
         clinical = _check_clinical(clinical, batch, self.in_dim, "ClinicalMLP")
@@ -273,11 +279,9 @@ class FusionHead(nn.Module):
         use_clinical: bool = True,
     ) -> None:
         super().__init__()
-        self.image_dim = _check_positive_int(image_dim, "image_dim", allow_zero=True)
-        self.clinical_dim = _check_positive_int(clinical_dim, "clinical_dim", allow_zero=True)
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
-        if self.num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+        self.image_dim = check_int(image_dim, "image_dim", low=0)
+        self.clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
+        self.num_classes = check_int(num_classes, "num_classes", low=2)
         self.use_image = bool(use_image) and self.image_dim > 0
         self.use_clinical = bool(use_clinical) and self.clinical_dim > 0
         if not (self.use_image or self.use_clinical):
@@ -345,7 +349,8 @@ class FusionHead(nn.Module):
         ShapeError
             For a missing required input or wrong shapes (names the argument).
         DataError
-            For NaN or inf in ``clinical``.
+            For NaN or inf in ``clinical``, while the value checks are on
+            (:func:`milcell.checks`).
         """
         image, clinical = self._inputs(image, clinical)
         return self._fuse(image, clinical)
@@ -664,7 +669,7 @@ class GatedFusion(_ExpertHead):
             use_image,
             use_clinical,
         )
-        self.summary_dim = _check_positive_int(summary_dim, "summary_dim")
+        self.summary_dim = check_int(summary_dim, "summary_dim", low=1)
         self.detach_experts = bool(detach_experts)
         gate_hidden = _check_hidden(gate_hidden, "gate_hidden")
         if self.use_image and self.use_clinical:

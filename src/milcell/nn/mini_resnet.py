@@ -8,9 +8,11 @@ a 224 px input the map is ``7 × 7 × 8K``).
 
 Importing this module registers the architectures in timm's model registry,
 so :func:`timm.create_model` builds them and they behave like any timm model
-(``forward_features``, ``forward_head``, ``reset_classifier``,
+(``forward_features``, ``forward_head``, ``forward_intermediates``,
+``prune_intermediate_layers``, ``reset_classifier``, ``init_weights``,
 ``set_grad_checkpointing``, ``group_matcher``, ``feature_info`` and
-``features_only=True``):
+``features_only=True``), and they compile with :func:`torch.jit.script` and
+trace with :func:`torch.fx.symbolic_trace` (whose graph scripts as well):
 
 - ``milcell_mini_resnet`` (``width=K`` argument, default 32),
 - ``milcell_mini_resnet_k8`` (tiny, for tests and tours),
@@ -24,34 +26,38 @@ Examples
 --------
 >>> import timm, torch
 >>> import milcell.nn.mini_resnet  # registers the models
->>> net = timm.create_model("milcell_mini_resnet_k8", num_classes=2)
+>>> net = timm.create_model("milcell_mini_resnet_k8", num_classes=2).eval()
 >>> net(torch.rand(3, 3, 32, 32)).shape
 torch.Size([3, 2])
 >>> net.forward_features(torch.rand(1, 3, 64, 64)).shape   # (B, 8K, H/32, W/32)
 torch.Size([1, 64, 2, 2])
+>>> x = torch.rand(2, 3, 64, 64)
+>>> torch.equal(torch.jit.script(net)(x), net(x))
+True
 """
 
-from __future__ import annotations
-
 import math
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
-import timm
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_classifier, get_act_layer, get_norm_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock
 from torch import Tensor, nn
 
+from milcell._validation import check_int, check_real
 from milcell.exceptions import ConfigError, ShapeError
 
 __all__ = ["MiniResNet"]
 
 _STAGE_STRIDES = (1, 2, 2, 2)
 _STAGE_MULTS = (1, 2, 4, 8)
+_STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def _group_norm_factory(max_groups: int = 32) -> Callable[..., nn.Module]:
@@ -71,7 +77,7 @@ def _resolve_norm_layer(norm_layer: str | Callable[..., nn.Module]) -> Callable[
         # timm's "groupnorm" fixes 32 groups, which K=8 stems cannot divide.
         return _group_norm_factory(32)
     try:
-        return get_norm_layer(norm_layer)
+        return cast(Callable[..., nn.Module], get_norm_layer(norm_layer))
     except Exception as exc:  # timm raises AssertionError/KeyError for unknown names
         raise ConfigError(
             f"mini-ResNet: unknown norm_layer {norm_layer!r} (try 'batchnorm', 'groupnorm', 'layernorm2d')"
@@ -80,7 +86,14 @@ def _resolve_norm_layer(norm_layer: str | Callable[..., nn.Module]) -> Callable[
 
 def _feature_map_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     """Final map size: stem conv, max-pool and three stride-2 stages each halve with ceil."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    if isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool):
+        size: tuple[int, ...] = (int(img_size), int(img_size))
+    elif isinstance(img_size, Sequence) and all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in img_size
+    ):
+        size = tuple(int(s) for s in img_size)
+    else:
+        size = ()
     if len(size) != 2 or min(size) < 1:
         raise ConfigError(f"mini-ResNet: img_size must be an int or (H, W), got {img_size!r}")
     out = []
@@ -91,12 +104,30 @@ def _feature_map_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     return out[0], out[1]
 
 
+@torch.fx.wrap
+def _check_flat_features(x: Tensor, expected: int, img_size: str) -> Tensor:
+    """Raise :class:`ShapeError` unless the flattened map ``x`` has ``expected`` features.
+
+    Wrapped for FX (kept as one call in a traced graph) and scriptable.
+    """
+    if x.shape[-1] != expected:
+        raise ShapeError(
+            f"mini-ResNet with global_pool='flatten' was built for img_size={img_size} "
+            f"({expected} features) but the input gives {x.shape[-1]}"
+        )
+    return x
+
+
 class MiniResNet(nn.Module):
     """K-scaled residual network: stem (K) → max-pool → stages K, 2K, 4K, 8K.
 
     Build it with ``timm.create_model("milcell_mini_resnet", width=K, ...)``
     (or one of the ``_k8``/``_k32``/``_k64`` names) so that timm's
     ``features_only=True`` and pretrained-config handling apply.
+
+    The model is TorchScript- and FX-compatible: ``torch.jit.script(net)``,
+    ``torch.fx.symbolic_trace(net)`` and scripting the traced graph all give
+    the eager outputs.
 
     Parameters
     ----------
@@ -109,9 +140,10 @@ class MiniResNet(nn.Module):
     in_chans : int, default 3
         Input channels.
     global_pool : str, default "avg"
-        A timm pooling type ("avg", "max", "avgmax", "catavgmax") or "flatten",
-        which flattens the final ``(8K, h, w)`` map into ``8K·h·w`` features
-        (``h = w = 7`` at ``img_size=224``; inputs must then have that size).
+        A timm pooling type ("avg", "max", "avgmax", "catavgmax", or "" for
+        none: the head then returns the map) or "flatten", which flattens the
+        final ``(8K, h, w)`` map into ``8K·h·w`` features (``h = w = 7`` at
+        ``img_size=224``; inputs must then have that size).
     img_size : int or (int, int), default 224
         Input size; only used to size the flattened head.
     norm_layer : str or callable, default "batchnorm2d"
@@ -127,6 +159,8 @@ class MiniResNet(nn.Module):
         the "noise" of a Noisy Student student.
     zero_init_last : bool, default True
         Zero-initialise the last norm of each residual branch.
+    device, dtype : optional
+        Where and in which dtype to create the parameters.
 
     Attributes
     ----------
@@ -135,7 +169,8 @@ class MiniResNet(nn.Module):
     head_hidden_size : int
         Size of the pooled (or flattened) features fed to the classifier.
     feature_info : list of dict
-        ``num_chs``, ``reduction`` and ``module`` of the stem and of each stage.
+        ``num_chs``, ``reduction`` and ``module`` of the stem and of each stage
+        (the five taps of :meth:`forward_intermediates`).
 
     Examples
     --------
@@ -146,6 +181,13 @@ class MiniResNet(nn.Module):
     >>> [f["num_chs"] for f in net.feature_info]
     [8, 8, 16, 32, 64]
     """
+
+    grad_checkpointing: bool
+    num_classes: int
+    num_features: int
+    head_hidden_size: int
+    drop_rate: float
+    feature_info: list[dict[str, Any]]
 
     def __init__(
         self,
@@ -164,18 +206,25 @@ class MiniResNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if int(width) < 1:
-            raise ConfigError(f"mini-ResNet: width (K) must be >= 1, got {width!r}")
-        depths = tuple(int(d) for d in depths)
-        if len(depths) != 4 or min(depths) < 1:
+        width = check_int(width, "mini-ResNet width (K)", low=1)
+        try:
+            items = () if isinstance(depths, (str, bytes)) else tuple(depths)
+        except TypeError:
+            items = ()
+        if len(items) != 4:
             raise ConfigError(f"mini-ResNet: depths must be 4 positive ints, got {depths!r}")
-        if not 0.0 <= float(drop_path_rate) < 1.0:
-            raise ConfigError(f"mini-ResNet: drop_path_rate must lie in [0, 1), got {drop_path_rate!r}")
-        n_blocks = sum(depths)
-        drop_paths = [float(drop_path_rate) * b / max(n_blocks - 1, 1) for b in range(n_blocks)]
+        stage_depths = tuple(check_int(d, "mini-ResNet depths[i]", low=1) for d in items)
+        num_classes = check_int(num_classes, "mini-ResNet num_classes", low=0)
+        in_chans = check_int(in_chans, "mini-ResNet in_chans", low=1)
+        drop_rate = check_real(drop_rate, "mini-ResNet drop_rate", low=0.0, high=1.0, high_open=True)
+        drop_path_rate = check_real(
+            drop_path_rate, "mini-ResNet drop_path_rate", low=0.0, high=1.0, high_open=True
+        )
+        n_blocks = sum(stage_depths)
+        drop_paths = [drop_path_rate * b / max(n_blocks - 1, 1) for b in range(n_blocks)]
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.width = int(width)
-        self.depths = depths
+        self.width = width
+        self.depths = stage_depths
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -188,11 +237,14 @@ class MiniResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, k, kernel_size=7, stride=2, padding=3, bias=False, **dd)
         self.bn1 = norm(k, **dd)
         self.act1 = act(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.feature_info: list[dict[str, Any]] = [dict(num_chs=k, reduction=2, module="act1")]
+        self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=k, reduction=2, module="act1")]
 
         inplanes, reduction = k, 4
-        for i, (mult, stride, depth) in enumerate(zip(_STAGE_MULTS, _STAGE_STRIDES, depths, strict=True)):
+        stages = []
+        for i, (mult, stride, depth) in enumerate(
+            zip(_STAGE_MULTS, _STAGE_STRIDES, stage_depths, strict=True)
+        ):
             planes = k * mult
             blocks = []
             for j in range(depth):
@@ -203,6 +255,7 @@ class MiniResNet(nn.Module):
                         nn.Conv2d(inplanes, planes, kernel_size=1, stride=s, bias=False, **dd),
                         norm(planes, **dd),
                     )
+                rate = drop_paths.pop(0)
                 blocks.append(
                     BasicBlock(
                         inplanes,
@@ -210,22 +263,27 @@ class MiniResNet(nn.Module):
                         stride=s,
                         downsample=downsample,
                         act_layer=act,
-                        norm_layer=norm,
-                        drop_path=DropPath(drop_paths.pop(0)) if drop_path_rate > 0 else None,
+                        # timm annotates a class; any callable norm_layer(num_channels) works
+                        norm_layer=cast(type[nn.Module], norm),
+                        drop_path=DropPath(rate) if drop_path_rate > 0 else None,
                         **dd,
                     )
                 )
                 inplanes = planes
             reduction *= stride
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=planes, reduction=reduction, module=f"layer{i + 1}"))
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=planes, reduction=reduction, module=_STAGE_NAMES[i]))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
         self.num_features = inplanes
         self._build_head(global_pool, **dd)
-        self._init_weights(zero_init_last)
+        self.init_weights(zero_init_last=zero_init_last)
 
     # ------------------------------------------------------------------ head
-    def _build_head(self, global_pool: str, **dd: Any) -> None:
+    def _build_head(
+        self, global_pool: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         if global_pool == "flatten":
             h, w = _feature_map_size(self.img_size)
             self.global_pool: nn.Module = nn.Flatten(1)
@@ -237,18 +295,41 @@ class MiniResNet(nn.Module):
             )
         else:
             try:
-                self.global_pool, self.fc = create_classifier(
+                pool, self.fc = create_classifier(
                     self.num_features, self.num_classes, pool_type=global_pool, **dd
                 )
             except Exception as exc:
                 raise ConfigError(
                     f"mini-ResNet: unknown global_pool {global_pool!r} (use 'avg', 'max', 'avgmax', "
-                    "'catavgmax' or 'flatten')"
+                    "'catavgmax', 'flatten' or '' for none)"
                 ) from exc
-            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+            self.global_pool = pool
+            self.head_hidden_size = self.num_features * int(pool.feat_mult())
         self._pool_type = global_pool
+        # read by forward_head: plain attributes keep it scriptable and FX-traceable
+        self._flatten = global_pool == "flatten"
+        self._img_size_text = repr(self.img_size)
 
-    def _init_weights(self, zero_init_last: bool) -> None:
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """(Re-)initialise the weights as timm's ResNet does.
+
+        Convolutions get Kaiming-normal weights (``fan_out``, ReLU gain); norm
+        layers and the classifier keep their PyTorch defaults.
+
+        Parameters
+        ----------
+        zero_init_last : bool, default True
+            Zero the last norm of each residual branch, so each block starts as
+            the identity.
+
+        Examples
+        --------
+        >>> import torch
+        >>> net = MiniResNet(width=4, num_classes=0)
+        >>> net.init_weights(zero_init_last=True)
+        >>> bool((net.layer1[0].bn2.weight == 0).all())
+        True
+        """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -284,39 +365,187 @@ class MiniResNet(nn.Module):
             New pooling type; ``None`` keeps the current one.
         """
         param = next(self.parameters())
-        self.num_classes = num_classes
+        self.num_classes = check_int(num_classes, "num_classes", low=0)
         self._build_head(self._pool_type if global_pool is None else global_pool)
         self.global_pool.to(device=param.device)
         self.fc.to(device=param.device, dtype=param.dtype)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Forward features and return the intermediate maps, as timm's ResNet does.
+
+        The five taps are those of ``feature_info``: the stem activation
+        (index 0, before the max-pool, stride 2) and the outputs of the four
+        stages (indices 1-4, strides 4, 8, 16, 32).
+
+        Parameters
+        ----------
+        x : Tensor
+            Images ``(B, C, H, W)``.
+        indices : int, sequence of int or None, default None
+            ``None``: all five taps; an int ``n``: the last ``n``; a sequence:
+            those indices (negative ones count from the end).
+        norm : bool, default False
+            Accepted for timm compatibility; the network has no final norm.
+        stop_early : bool, default False
+            Stop after the last requested tap (the returned final map is then
+            that tap, not ``forward_features(x)``).
+        output_fmt : {"NCHW"}, default "NCHW"
+            Layout of the intermediates.
+        intermediates_only : bool, default False
+            Return only the list of intermediates.
+
+        Returns
+        -------
+        (Tensor, list of Tensor) or list of Tensor
+            The final map ``(B, 8K, h, w)`` and the intermediates, each
+            ``(B, feature_info[i]["num_chs"], H / reduction, W / reduction)``
+            (sizes rounded up); only the list when ``intermediates_only``.
+
+        Raises
+        ------
+        ConfigError
+            For an ``output_fmt`` other than "NCHW" or out-of-range ``indices``.
+
+        Examples
+        --------
+        >>> import timm, torch
+        >>> net = timm.create_model("milcell_mini_resnet_k8", num_classes=0).eval()
+        >>> final, maps = net.forward_intermediates(torch.rand(1, 3, 64, 64))
+        >>> [tuple(m.shape) for m in maps]
+        [(1, 8, 32, 32), (1, 8, 16, 16), (1, 16, 8, 8), (1, 32, 4, 4), (1, 64, 2, 2)]
+        >>> torch.equal(final, maps[-1])
+        True
+        """
+        if output_fmt != "NCHW":
+            raise ConfigError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = self._take_indices(indices)
+        intermediates: list[Tensor] = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stage_names = _STAGE_NAMES[:max_index] if stop_early else _STAGE_NAMES
+        for feat_idx, stage_name in enumerate(stage_names, start=1):
+            stage = getattr(self, stage_name)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+        n_taps = len(self.feature_info)
+        if indices is not None and not (
+            isinstance(indices, numbers.Integral) and not isinstance(indices, bool)
+        ):
+            if not isinstance(indices, (list, tuple)) or not indices:
+                raise ConfigError(
+                    f"indices must be None, an int or a non-empty list of ints, got {indices!r}"
+                )
+            indices = [check_int(i, "indices[i]", low=-n_taps, high=n_taps - 1) for i in indices]
+        elif indices is not None:
+            indices = check_int(indices, "indices (the last n taps)", low=1, high=n_taps)
+        # the rule of timm's feature_take_indices: None = all, n = the last n, negatives from the end
+        if indices is None:
+            take_indices = list(range(n_taps))
+        elif isinstance(indices, int):
+            take_indices = list(range(n_taps - indices, n_taps))
+        else:
+            take_indices = [i + n_taps if i < 0 else i for i in indices]
+        return take_indices, max(take_indices)
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the layers that the requested intermediates do not need, as timm's ResNet does.
+
+        Stages after the last requested tap become empty ``nn.Sequential``;
+        if that tap is not the last stage, ``num_features`` and
+        ``head_hidden_size`` become its channels and the head is removed.
+
+        Parameters
+        ----------
+        indices : int or sequence of int, default 1
+            The taps to keep, as in :meth:`forward_intermediates`.
+        prune_norm : bool, default False
+            Accepted for timm compatibility; the network has no final norm.
+        prune_head : bool, default True
+            Remove the classifier and pooling (``reset_classifier(0, "")``).
+
+        Returns
+        -------
+        list of int
+            The absolute indices kept.
+
+        Examples
+        --------
+        >>> import timm, torch
+        >>> net = timm.create_model("milcell_mini_resnet_k8").eval()
+        >>> net.prune_intermediate_layers([1, 2])
+        [1, 2]
+        >>> net.layer3, net.num_features
+        (Sequential(), 16)
+        >>> [tuple(m.shape) for m in net.forward_intermediates(torch.rand(1, 3, 64, 64), [1, 2])[1]]
+        [(1, 8, 16, 16), (1, 16, 8, 8)]
+        """
+        take_indices, max_index = self._take_indices(indices)
+        for stage_name in _STAGE_NAMES[max_index:]:
+            setattr(self, stage_name, nn.Sequential())  # empty, so checkpoint_seq can still iterate
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        prune_end = max_index < len(_STAGE_NAMES)
+        if prune_end:
+            self.num_features = self.head_hidden_size = int(self.feature_info[max_index]["num_chs"])
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` → final map ``(B, 8K, ceil(H/32), ceil(W/32))``."""
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.maxpool(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = timm.models.checkpoint_seq(stages, x, flatten=True)
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
         else:
-            for stage in stages:
-                x = stage(x)
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool (or flatten) the map ``(B, 8K, h, w)`` → ``(B, head_hidden_size)``, then classify."""
         x = self.global_pool(x)
-        if self._pool_type == "flatten" and x.shape[-1] != self.head_hidden_size:
-            raise ShapeError(
-                f"mini-ResNet with global_pool='flatten' was built for img_size={self.img_size!r} "
-                f"({self.head_hidden_size} features) but the input gives {x.shape[-1]}"
-            )
+        if self._flatten:
+            x = _check_flat_features(x, self.head_hidden_size, self._img_size_text)
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` → logits ``(B, num_classes)`` (features when ``num_classes=0``)."""
-        return self.forward_head(self.forward_features(x))
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -8,7 +8,12 @@ N_max, D)`` with the batch mask, pools each bag, and fuses the bag embedding
 with the clinical attributes into logits ``(B, num_classes)``. A
 prediction-level pooling (``instance_mean``) already outputs class scores, so
 it gets no fusion head. Single-cell classification is the same model on bags
-of one.
+of one. The three steps are public: :meth:`MILModel.encode`,
+:meth:`MILModel.pool` and :meth:`MILModel.forward_head`.
+
+A training step (forward, :func:`mil_loss`, backward) reads no tensor value on
+the host, so it never waits for an accelerator; the checks that would (NaN or
+inf, labels) run only while :func:`milcell.checks` is on.
 
 :func:`create_mil_model` builds one by names and records its arguments in
 ``model.config`` (JSON-serialisable) so a checkpoint can rebuild it with
@@ -35,22 +40,27 @@ Examples
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from milcell._checks import checks_enabled
+from milcell._validation import check_int, check_real, constraint_error
 from milcell.data.bag import BagBatch
 from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.nn.backbones import create_backbone
 from milcell.nn.encoder import InstanceEncoder
-from milcell.nn.fusion import create_fusion
-from milcell.nn.pooling import create_pooling
+from milcell.nn.fusion import FusionHead, FusionOutput, create_fusion
+from milcell.nn.pooling import _POOLINGS, InstanceMeanPooling, MILPooling, create_pooling
 
 __all__ = ["MILModel", "MILOutput", "create_mil_model", "mil_loss"]
 
@@ -96,12 +106,27 @@ class MILOutput:
 class MILModel(nn.Module):
     """Multiple-instance model: optional encoder, pooling and fusion head.
 
+    ``forward`` is the composition of three public steps, in the manner of
+    timm's ``forward_features`` / ``forward_head``, each usable on its own
+    (e.g. to cache features, or to inspect the bag embedding)::
+
+        features = model.encode(batch)               # (T, D)
+        embedding = model.pool(features, batch)      # (B, D')
+        logits = model.forward_head(embedding, batch.clinical).logits   # (B, C)
+
+    A forward pass reads no tensor value on the host (no ``.item()``, no
+    ``if tensor.any()``), so on a GPU it never waits for the device: shape,
+    dtype and bag-size checks use host data only, and the checks that must
+    read values (NaN or inf in instances and clinical attributes) run only
+    while :func:`milcell.checks` is on (off by default, on with
+    ``MILCELL_CHECKS=1``).
+
     Parameters
     ----------
-    pooling : nn.Module
+    pooling : MILPooling
         A :mod:`milcell.nn.pooling` module (``in_dim``, ``out_dim``,
         ``prediction_level``, ``uses_clinical``).
-    head : nn.Module or None
+    head : FusionHead or None
         A :mod:`milcell.nn.fusion` head mapping ``(B, out_dim)`` and clinical
         ``(B, F)`` to logits; must be ``None`` for a prediction-level pooling.
     encoder : nn.Module or None, default None
@@ -109,7 +134,7 @@ class MILModel(nn.Module):
         :class:`~milcell.nn.encoder.InstanceEncoder`); ``None`` for feature
         bags, whose instances are already ``(T, D)``.
     num_classes : int or None, default None
-        Number of classes; inferred from the head (or pooling) when ``None``.
+        Number of classes (``>= 2``); inferred from the head (or pooling) when ``None``.
 
     Attributes
     ----------
@@ -117,8 +142,16 @@ class MILModel(nn.Module):
         ``F`` the model reads (0 = no clinical input).
     needs_clinical : bool
         Whether :meth:`forward` requires ``batch.clinical``.
+    prediction_level : bool
+        The pooling's ``prediction_level``: its output already is the logits.
     config : dict or None
         Builder arguments when made by :func:`create_mil_model`.
+
+    Raises
+    ------
+    ConfigError
+        Parts that are not a :class:`~milcell.nn.pooling.MILPooling` /
+        :class:`~milcell.nn.fusion.FusionHead`, or that do not fit together.
 
     Examples
     --------
@@ -138,53 +171,60 @@ class MILModel(nn.Module):
 
     def __init__(
         self,
-        pooling: nn.Module,
-        head: nn.Module | None,
+        pooling: MILPooling,
+        head: FusionHead | None,
         encoder: nn.Module | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(pooling, nn.Module) or not hasattr(pooling, "out_dim"):
-            raise ConfigError("MILModel: pooling must be a milcell pooling module (with out_dim)")
-        self.prediction_level = bool(getattr(pooling, "prediction_level", False))
+        if not isinstance(pooling, MILPooling):
+            raise ConfigError(
+                f"MILModel: pooling must be a milcell.nn.pooling.MILPooling (see create_pooling), "
+                f"got {type(pooling).__name__}"
+            )
+        if head is not None and not isinstance(head, FusionHead):
+            raise ConfigError(
+                f"MILModel: head must be a milcell.nn.fusion.FusionHead (see create_fusion) or None, "
+                f"got {type(head).__name__}"
+            )
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise ConfigError(f"MILModel: encoder must be an nn.Module or None, got {type(encoder).__name__}")
+        self.prediction_level = bool(pooling.prediction_level)
         if self.prediction_level and head is not None:
             raise ConfigError(
                 "MILModel: a prediction-level pooling already outputs class scores; pass head=None"
             )
         if not self.prediction_level and head is None:
             raise ConfigError("MILModel: a fusion head is required for an embedding-level pooling")
-        in_dim = getattr(pooling, "in_dim", None)
         enc_dim = getattr(encoder, "num_features", None) if encoder is not None else None
-        if enc_dim is not None and in_dim is not None and int(enc_dim) != int(in_dim):
+        if enc_dim is not None and int(enc_dim) != pooling.in_dim:
             raise ConfigError(
-                f"MILModel: the encoder gives {enc_dim} features but the pooling expects in_dim={in_dim}"
+                f"MILModel: the encoder gives {enc_dim} features but the pooling expects "
+                f"in_dim={pooling.in_dim}"
             )
-        inferred = (
-            getattr(head, "num_classes", None) if head is not None else getattr(pooling, "out_dim", None)
-        )
-        if num_classes is None:
-            num_classes = inferred
-        if num_classes is None or int(num_classes) < 2:
-            raise ConfigError(f"MILModel: num_classes must be >= 2, got {num_classes!r}")
-        if inferred is not None and int(inferred) != int(num_classes):
+        inferred = head.num_classes if head is not None else pooling.out_dim
+        num_classes = inferred if num_classes is None else check_int(num_classes, "num_classes", low=2)
+        if num_classes < 2:
+            raise constraint_error("num_classes", "an integer >= 2", num_classes)
+        if inferred != num_classes:
             raise ConfigError(
                 f"MILModel: num_classes={num_classes} but the {'head' if head is not None else 'pooling'} "
                 f"outputs {inferred} classes"
             )
         self.encoder = encoder
-        self.pooling = pooling
-        self.head = head
-        self.num_classes = int(num_classes)
-        self.feature_dim: int | None = None if in_dim is None else int(in_dim)
-        self.uses_image = bool(getattr(head, "use_image", True)) if head is not None else True
-        pool_clin = bool(getattr(pooling, "uses_clinical", False))
-        head_clin = bool(getattr(head, "use_clinical", False)) if head is not None else False
-        self.needs_clinical = (pool_clin and self.uses_image) or head_clin
+        self.pooling: MILPooling = pooling
+        self.head: FusionHead | None = head
+        self.num_classes = num_classes
+        self.feature_dim: int = pooling.in_dim
+        self.uses_image = head.use_image if head is not None else True
+        pool_clin = pooling.uses_clinical and self.uses_image
+        head_clin = head.use_clinical if head is not None else False
+        self.needs_clinical = pool_clin or head_clin
         dims = set()
-        if pool_clin and self.uses_image:
+        if pool_clin:
             dims.add(int(getattr(pooling, "clinical_dim", 0)))
-        if head_clin:
-            dims.add(int(getattr(head, "clinical_dim", 0)))
+        if head is not None and head_clin:
+            dims.add(head.clinical_dim)
         if len(dims) > 1:
             raise ConfigError(f"MILModel: pooling and head expect different clinical widths {sorted(dims)}")
         self.clinical_dim = dims.pop() if dims else 0
@@ -195,19 +235,26 @@ class MILModel(nn.Module):
         # Floating inputs are cast to the parameters' dtype (float64 data into a float32 model).
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
-    def _check_sizes(self, batch: BagBatch) -> None:
+    def _check_batch(self, batch: Any) -> BagBatch:
+        """Type and bag sizes of ``batch``, from host data only (``batch.sizes``)."""
+        if not isinstance(batch, BagBatch):
+            raise ShapeError(
+                f"MILModel: batch must be a BagBatch (from collate_bags), got {type(batch).__name__}"
+            )
         sizes = batch.bag_sizes
         if not isinstance(sizes, Tensor) or sizes.ndim != 1 or sizes.is_floating_point():
             raise ShapeError("MILModel: batch.bag_sizes must be a 1-D integer tensor (B,) from collate_bags")
         if sizes.shape[0] == 0:
             raise ShapeError("MILModel: the batch is empty (B = 0); a batch needs at least one bag")
-        empty = (sizes < 1).nonzero().flatten().tolist()
+        host = batch.sizes
+        empty = [i for i, n in enumerate(host) if n < 1]
         if empty:
             ids = [batch.ids[i] for i in empty if i < len(batch.ids)]
             raise DataError(
-                f"MILModel: bags {ids or empty} have no instance (bag_sizes {sizes[empty].tolist()}); "
+                f"MILModel: bags {ids or empty} have no instance (bag_sizes {[host[i] for i in empty]}); "
                 "every bag needs at least one instance"
             )
+        return batch
 
     def _clinical(self, batch: BagBatch) -> Tensor | None:
         if not self.needs_clinical:
@@ -229,21 +276,23 @@ class MILModel(nn.Module):
         if not clinical.is_floating_point():
             raise ShapeError(f"MILModel: batch.clinical must be floating point, got {clinical.dtype}")
         clinical = clinical.to(self._dtype())
-        bad = ~torch.isfinite(clinical).all(dim=1)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            ids = [batch.ids[i] for i in rows if i < len(batch.ids)]
-            raise DataError(f"MILModel: batch.clinical holds NaN or inf for bags {ids or rows}")
+        if checks_enabled():
+            bad = ~torch.isfinite(clinical).all(dim=1)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten().tolist()
+                ids = [batch.ids[i] for i in rows if i < len(batch.ids)]
+                raise DataError(f"MILModel: batch.clinical holds NaN or inf for bags {ids or rows}")
         return clinical
 
     def _instances(self, batch: BagBatch) -> Tensor:
         x = batch.instances
         if not isinstance(x, Tensor):
             raise ShapeError(f"MILModel: batch.instances must be a Tensor, got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[0] != int(batch.bag_sizes.sum()):
+        total = sum(batch.sizes)
+        if x.ndim == 0 or x.shape[0] != total:
             raise ShapeError(
                 f"MILModel: batch.instances has {x.shape[0] if x.ndim else 0} rows but bag_sizes sum to "
-                f"{int(batch.bag_sizes.sum())}"
+                f"{total}"
             )
         if self.encoder is None:
             if x.ndim != 2:
@@ -251,7 +300,7 @@ class MILModel(nn.Module):
                     f"MILModel: this model has no encoder, so batch.instances must be features (T, D), "
                     f"got {tuple(x.shape)} (images need a backbone)"
                 )
-            if self.feature_dim is not None and x.shape[1] != self.feature_dim:
+            if x.shape[1] != self.feature_dim:
                 raise ShapeError(
                     f"MILModel: batch.instances has feature size {x.shape[1]} but the model expects "
                     f"{self.feature_dim} (feature_dim)"
@@ -261,20 +310,178 @@ class MILModel(nn.Module):
         if not x.is_floating_point():
             raise ShapeError(f"MILModel: batch.instances must be floating point, got {x.dtype}")
         x = x.to(self._dtype())
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-        if not bool(finite.all()):
-            bags = batch.bag_index.to(finite.device)[~finite].unique().tolist()
-            ids = [batch.ids[i] for i in bags if i < len(batch.ids)]
-            raise DataError(f"MILModel: batch.instances holds NaN or inf in bags {ids or bags}")
+        if checks_enabled():
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if not bool(finite.all()):
+                bags = batch.bag_index.to(finite.device)[~finite].unique().tolist()
+                ids = [batch.ids[i] for i in bags if i < len(batch.ids)]
+                raise DataError(f"MILModel: batch.instances holds NaN or inf in bags {ids or bags}")
         return x
 
-    # ------------------------------------------------------------------ forward
-    def encode(self, instances: Tensor) -> Tensor:
-        """Packed instances ``(T, ...)`` → features ``(T, D)`` (identity for feature bags)."""
+    # ------------------------------------------------------------------ the three steps
+    def encode(self, batch: BagBatch | Tensor) -> Tensor:
+        """Step 1: packed instances → features ``(T, D)``.
+
+        Parameters
+        ----------
+        batch : BagBatch or Tensor
+            A batch, whose ``instances`` (images ``(T, C, H, W)``, or features
+            ``(T, D)`` without an encoder) are checked and cast to the model's
+            dtype as in :meth:`forward`; or a tensor of packed instances, used
+            as given.
+
+        Returns
+        -------
+        Tensor
+            ``(T, D)`` features, ``D == pooling.in_dim`` (the instances
+            themselves for a model without an encoder).
+
+        Raises
+        ------
+        ShapeError, DataError
+            As :meth:`forward`, for a batch.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from milcell.data.bag import Bag, collate_bags
+        >>> model = create_mil_model("milcell_mini_resnet_k8", pooling="mean")
+        >>> batch = collate_bags([Bag(torch.rand(3, 3, 32, 32)), Bag(torch.rand(2, 3, 32, 32))])
+        >>> model.encode(batch).shape
+        torch.Size([5, 64])
+        """
+        if isinstance(batch, BagBatch):
+            instances = self._instances(self._check_batch(batch))
+        elif isinstance(batch, Tensor):
+            instances = batch
+        else:
+            raise ShapeError(
+                f"MILModel.encode: batch must be a BagBatch or a Tensor of packed instances, "
+                f"got {type(batch).__name__}"
+            )
         return instances if self.encoder is None else self.encoder(instances)
 
+    def _pool(
+        self, features: Tensor, batch: BagBatch, clinical: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pad ``(T, D)`` features with the batch's layout and pool: embedding, attention, instance logits."""
+        if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[0] != sum(batch.sizes):
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ShapeError(
+                f"MILModel.pool: features must have shape (T, D) with T = {sum(batch.sizes)} instances, "
+                f"got {shape}"
+            )
+        x = batch.pad(features)
+        mask = batch.mask.to(x.device)
+        pool_clin = clinical if self.pooling.uses_clinical else None
+        embedding, attention = self.pooling(x, mask, return_attention=True, clinical=pool_clin)
+        instance_logits = None
+        if isinstance(self.pooling, InstanceMeanPooling):
+            instance_logits = self.pooling.instance_logits(x, mask, clinical=pool_clin)
+        return embedding, attention, instance_logits
+
+    @overload
+    def pool(
+        self,
+        features: Tensor,
+        batch: BagBatch,
+        clinical: Tensor | None = ...,
+        return_attention: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def pool(
+        self,
+        features: Tensor,
+        batch: BagBatch,
+        clinical: Tensor | None = ...,
+        *,
+        return_attention: Literal[True],
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def pool(
+        self,
+        features: Tensor,
+        batch: BagBatch,
+        clinical: Tensor | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Step 2: features ``(T, D)`` → bag embeddings ``(B, D')``.
+
+        Pads the packed features to ``(B, N_max, D)`` with the batch's layout
+        (from its host-side ``sizes``: no device read), builds the mask and
+        runs the pooling.
+
+        Parameters
+        ----------
+        features : Tensor
+            ``(T, D)`` packed instance features, e.g. from :meth:`encode`.
+        batch : BagBatch
+            Gives the bag sizes (and, by default, the clinical attributes).
+        clinical : Tensor or None, default None
+            ``(B, F)`` for a pooling that reads clinical attributes
+            (``instance_mean`` with ``clinical_dim > 0``); ``None`` takes
+            ``batch.clinical``, checked as in :meth:`forward`.
+        return_attention : bool, default False
+            Also return the per-instance weights ``(B, N_max)``.
+
+        Returns
+        -------
+        Tensor or (Tensor, Tensor)
+            The embedding ``(B, pooling.out_dim)`` (class log-probabilities
+            for a prediction-level pooling) and, if asked, the weights
+            ``(B, N_max)``, float32, 0 at padded positions.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from milcell.data.bag import Bag, collate_bags
+        >>> model = create_mil_model(None, pooling="attention", feature_dim=4)
+        >>> batch = collate_bags([Bag(torch.randn(3, 4)), Bag(torch.randn(1, 4))])
+        >>> embedding, attention = model.pool(model.encode(batch), batch, return_attention=True)
+        >>> embedding.shape, attention.shape
+        (torch.Size([2, 4]), torch.Size([2, 3]))
+        """
+        self._check_batch(batch)
+        if clinical is None:
+            clinical = self._clinical(batch)
+        embedding, attention, _ = self._pool(features, batch, clinical)
+        return (embedding, attention) if return_attention else embedding
+
+    def forward_head(self, embedding: Tensor | None, clinical: Tensor | None = None) -> FusionOutput:
+        """Step 3: bag embedding (and clinical attributes) → logits ``(B, C)``.
+
+        Parameters
+        ----------
+        embedding : Tensor or None
+            ``(B, pooling.out_dim)`` from :meth:`pool`; ``None`` for a
+            clinical-only model (``uses_image`` False).
+        clinical : Tensor or None, default None
+            ``(B, F)``, passed to the head only if it reads clinical
+            attributes (and checked there).
+
+        Returns
+        -------
+        FusionOutput
+            ``(logits (B, C), experts, gate)``; for a prediction-level pooling
+            the embedding itself is the logits (no experts, no gate).
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = create_mil_model(None, pooling="mean", fusion="gated", feature_dim=4, clinical_dim=2)
+        >>> out = model.forward_head(torch.randn(3, 4), torch.randn(3, 2))
+        >>> out.logits.shape, out.gate.shape
+        (torch.Size([3, 2]), torch.Size([3, 1]))
+        """
+        if self.head is None:
+            if embedding is None:
+                raise ShapeError("MILModel.forward_head: a prediction-level model needs the embedding")
+            return FusionOutput(embedding, {}, None)
+        return self.head(embedding if self.uses_image else None, clinical if self.head.use_clinical else None)
+
     def forward(self, batch: BagBatch) -> MILOutput:
-        """Predict a batch of bags.
+        """Predict a batch of bags: ``forward_head(pool(encode(batch), batch), clinical)``.
 
         Parameters
         ----------
@@ -294,34 +501,21 @@ class MILModel(nn.Module):
             An empty batch, wrong rank, channels or feature size of
             ``batch.instances``, or a missing or mis-sized ``batch.clinical``.
         DataError
-            A bag without instances, or NaN or inf in the instances or
-            clinical attributes (checked after casting floating inputs to the
-            parameters' dtype).
+            A bag without instances (from the host-side sizes, always), or,
+            while :func:`milcell.checks` is on, NaN or inf in the instances
+            or clinical attributes (checked after casting floating inputs to
+            the parameters' dtype).
 
         All checks run before the encoder is called.
         """
-        if not isinstance(batch, BagBatch):
-            raise ShapeError(
-                f"MILModel: batch must be a BagBatch (from collate_bags), got {type(batch).__name__}"
-            )
-        self._check_sizes(batch)
+        self._check_batch(batch)
         instances = self._instances(batch) if self.uses_image else None
         clinical = self._clinical(batch)
-        attention = instance_logits = None
+        embedding = attention = instance_logits = None
         if instances is not None:
-            features = self.encode(instances)
-            x = batch.pad(features)
-            mask = batch.mask.to(x.device)
-            pool_clin = clinical if getattr(self.pooling, "uses_clinical", False) else None
-            embedding, attention = self.pooling(x, mask, return_attention=True, clinical=pool_clin)
-            if self.prediction_level and hasattr(self.pooling, "instance_logits"):
-                instance_logits = self.pooling.instance_logits(x, mask, clinical=pool_clin)
-        else:
-            embedding = None
-        if self.head is None:
-            assert embedding is not None
-            return MILOutput(embedding, embedding, attention, instance_logits, {}, None)
-        fused = self.head(embedding, clinical if getattr(self.head, "use_clinical", False) else None)
+            features = instances if self.encoder is None else self.encoder(instances)
+            embedding, attention, instance_logits = self._pool(features, batch, clinical)
+        fused = self.forward_head(embedding, clinical)
         if embedding is None:
             embedding = fused.logits.new_zeros((len(batch), 0))
         return MILOutput(fused.logits, embedding, attention, instance_logits, dict(fused.experts), fused.gate)
@@ -398,7 +592,7 @@ def create_mil_model(
         Activation checkpointing per chunk.
     freeze_bn_stats : bool or None, default None
         Keep the backbone's BatchNorm layers in eval mode. ``None`` means
-        True for a frozen backbone (``trainable="head"``: its running
+        True for a frozen backbone (``trainable="head"`` or ``0``: its running
         statistics must not drift either) and False otherwise.
     pooling_kwargs, fusion_kwargs, backbone_kwargs : dict or None
         Extra options; must be JSON-serialisable (they go into ``model.config``).
@@ -425,8 +619,16 @@ def create_mil_model(
     >>> out.logits.shape, out.instance_logits.shape
     (torch.Size([1, 5]), torch.Size([1, 4, 5]))
     """
-    if freeze_bn_stats is None:
-        freeze_bn_stats = trainable == "head"
+    num_classes = check_int(num_classes, "num_classes", low=2)
+    clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
+    if feature_dim is not None:
+        feature_dim = check_int(feature_dim, "feature_dim", low=1)
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size", low=1)
+    if not isinstance(trainable, str):
+        trainable = check_int(trainable, "trainable", low=0)
+    if freeze_bn_stats is None:  # trainable=0 freezes the whole backbone, exactly as "head" does
+        freeze_bn_stats = trainable in ("head", 0)
     config: dict[str, Any] = {
         "backbone": backbone,
         "pooling": pooling,
@@ -446,17 +648,12 @@ def create_mil_model(
         "use_clinical": use_clinical,
     }
     try:
-        config = json.loads(json.dumps(config))
+        config = json.loads(json.dumps(config, default=_plain_scalar))
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"create_mil_model: arguments must be JSON-serialisable for model.config: {exc}"
         ) from exc
-    for name in ("num_classes", "clinical_dim"):
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"create_mil_model: {name} must be a non-negative int, got {value!r}")
-    if num_classes < 2:
-        raise ConfigError(f"create_mil_model: num_classes must be >= 2, got {num_classes}")
+    use_image, use_clinical = config["use_image"], config["use_clinical"]
     if not (use_image or use_clinical):
         raise ConfigError("create_mil_model: use_image and use_clinical cannot both be False")
     if not use_image and clinical_dim == 0:
@@ -468,12 +665,10 @@ def create_mil_model(
             raise ConfigError(
                 "create_mil_model: feature_dim is required when backbone is None (feature bags)"
             )
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ConfigError(f"create_mil_model: feature_dim must be a positive int, got {feature_dim!r}")
         in_dim = feature_dim
     else:
         net = create_backbone(
-            backbone, pretrained=pretrained, trainable=trainable, **config["backbone_kwargs"]
+            backbone, pretrained=config["pretrained"], trainable=trainable, **config["backbone_kwargs"]
         )
         if feature_dim is not None and feature_dim != net.num_features:
             raise ConfigError(
@@ -481,18 +676,24 @@ def create_mil_model(
                 f"{net.num_features} features"
             )
         encoder = InstanceEncoder(
-            net, chunk_size=chunk_size, checkpointing=checkpointing, freeze_bn_stats=freeze_bn_stats
+            net,
+            chunk_size=chunk_size,
+            checkpointing=config["checkpointing"],
+            freeze_bn_stats=config["freeze_bn_stats"],
         )
         in_dim = net.num_features
 
     used_clinical = clinical_dim if use_clinical else 0
     pkw = dict(config["pooling_kwargs"])
-    if pooling == "instance_mean":
-        pkw.setdefault("num_classes", num_classes)
-        pkw.setdefault("clinical_dim", used_clinical)
+    factory = _POOLINGS.get(pooling)
+    if getattr(factory, "prediction_level", False):  # its output is the logits: give it the task's shape
+        accepted = inspect.signature(factory).parameters
+        for key, value in (("num_classes", num_classes), ("clinical_dim", used_clinical)):
+            if key in accepted:
+                pkw.setdefault(key, value)
     pool = create_pooling(pooling, in_dim, **pkw)
-    head: nn.Module | None = None
-    if getattr(pool, "prediction_level", False):
+    head: FusionHead | None = None
+    if pool.prediction_level:
         if fusion not in (None, "linear") or config["fusion_kwargs"]:
             raise ConfigError(
                 f"create_mil_model: pooling {pooling!r} is prediction-level (its output is the logits) and "
@@ -514,19 +715,55 @@ def create_mil_model(
     return model
 
 
+def _plain_scalar(value: Any) -> Any:
+    """``json.dumps`` hook: numpy scalars become plain ``bool`` / ``int`` / ``float``."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _check_class_weights(class_weights: Any, num_classes: int, device: torch.device) -> Tensor | None:
+    """``(C,)`` float32 weights on ``device``.
+
+    Weights given on the host (a sequence, an array, a CPU tensor) are checked there, always; a
+    tensor already on another device is checked for its shape, and for its values only while the
+    value checks are on (reading them would wait for the device).
+    """
     if class_weights is None:
         return None
-    weights = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
-    if weights.shape != (num_classes,):
-        raise ConfigError(
-            f"mil_loss: class_weights must have shape ({num_classes},), got {tuple(weights.shape)}"
-        )
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+    on_device = isinstance(class_weights, Tensor) and class_weights.device.type != "cpu"
+    if on_device:
+        weights = class_weights.to(device=device, dtype=torch.float32)
+        shape = tuple(weights.shape)
+    else:
+        if isinstance(class_weights, Tensor):
+            class_weights = class_weights.detach().numpy()
+        try:
+            host = np.asarray(class_weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"mil_loss: class_weights must be ({num_classes},) numbers, got {class_weights!r}"
+            ) from None
+        shape = host.shape
+    if shape != (num_classes,):
+        raise ConfigError(f"mil_loss: class_weights must have shape ({num_classes},), got {shape}")
+    if on_device:
+        if checks_enabled():
+            _check_weight_values(weights.detach().cpu().numpy())
+        return weights
+    _check_weight_values(host)
+    return torch.as_tensor(host, dtype=torch.float32, device=device)
+
+
+def _check_weight_values(weights: np.ndarray) -> None:
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
         raise ConfigError(
             f"mil_loss: class_weights must be finite, >= 0 and not all 0, got {weights.tolist()}"
         )
-    return weights
 
 
 def mil_loss(
@@ -564,9 +801,15 @@ def mil_loss(
     Raises
     ------
     DataError
-        If no bag of the batch is labelled, or soft labels are malformed.
+        While :func:`milcell.checks` is on: no bag of the batch is labelled,
+        a label is out of range, or soft labels are not probabilities. With
+        the checks off (the default: they would read device values), a batch
+        without labelled bags gives a loss of 0 with no gradient, and an
+        out-of-range label fails inside :func:`torch.nn.functional.cross_entropy`.
     ConfigError
-        For malformed ``class_weights``.
+        For malformed ``class_weights`` (checked on the host when given as a
+        sequence, an array or a CPU tensor; for a tensor on the accelerator,
+        only its shape unless the checks are on) or a negative ``expert_weight``.
 
     Examples
     --------
@@ -583,35 +826,53 @@ def mil_loss(
             f"mil_loss: output.logits must be (B, C) with B={len(batch)}, got {tuple(logits.shape)}"
         )
     num_classes = logits.shape[1]
+    expert_weight = check_real(expert_weight, "expert_weight", low=0.0)
     weights = _check_class_weights(class_weights, num_classes, logits.device)
+    checking = checks_enabled()
     if batch.soft_labels is not None:
         target = batch.soft_labels.to(device=logits.device, dtype=torch.float32)
         if target.shape != logits.shape:
             raise DataError(
                 f"mil_loss: batch.soft_labels has shape {tuple(target.shape)}, logits {tuple(logits.shape)}"
             )
-        if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
-            raise DataError("mil_loss: batch.soft_labels must be finite and non-negative")
-        if not torch.allclose(target.sum(dim=1), torch.ones_like(target[:, 0]), atol=1e-4):
-            raise DataError("mil_loss: each row of batch.soft_labels must sum to 1")
-        rows = torch.ones(len(batch), dtype=torch.bool, device=logits.device)
+        if checking:
+            if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
+                raise DataError("mil_loss: batch.soft_labels must be finite and non-negative")
+            if not torch.allclose(target.sum(dim=1), torch.ones_like(target[:, 0]), atol=1e-4):
+                raise DataError("mil_loss: each row of batch.soft_labels must sum to 1")
+
+        def ce(scores: Tensor) -> Tensor:
+            return F.cross_entropy(scores.float(), target, weight=weights)
+
     else:
         labels = batch.labels.to(logits.device)
-        if bool((labels >= num_classes).any()):
-            raise DataError(
-                f"mil_loss: label {int(labels.max())} is out of range for {num_classes} classes "
-                f"(bag indices {(labels >= num_classes).nonzero().flatten().tolist()[:5]})"
-            )
-        rows = labels >= 0
-        target = labels
-    if not bool(rows.any()):
-        raise DataError(f"mil_loss: no labelled bag in the batch (all labels are -1): {batch.ids[:5]}")
+        if checking:
+            if bool((labels >= num_classes).any()):
+                raise DataError(
+                    f"mil_loss: label {int(labels.max())} is out of range for {num_classes} classes "
+                    f"(bag indices {(labels >= num_classes).nonzero().flatten().tolist()[:5]})"
+                )
+            if not bool((labels >= 0).any()):
+                raise DataError(
+                    f"mil_loss: no labelled bag in the batch (all labels are -1): {batch.ids[:5]}"
+                )
+        labelled = labels >= 0
+        # Weighted mean over the labelled bags, as cross_entropy(..., ignore_index=-1) computes it,
+        # but 0 (not 0 / 0) for a batch without any labelled bag: no boolean indexing, no sync.
+        if weights is None:
+            total_weight = labelled.sum().float()
+        else:
+            total_weight = torch.where(labelled, weights[labels.clamp_min(0)], 0.0).sum()
+        total_weight = total_weight.clamp_min(torch.finfo(torch.float32).tiny)
 
-    def ce(scores: Tensor) -> Tensor:
-        return F.cross_entropy(scores.float()[rows], target[rows], weight=weights)
+        def ce(scores: Tensor) -> Tensor:
+            per_bag = F.cross_entropy(
+                scores.float(), labels, weight=weights, ignore_index=-1, reduction="none"
+            )
+            return per_bag.sum() / total_weight
 
     total = ce(logits)
     if expert_weight:
         for scores in output.experts.values():
-            total = total + float(expert_weight) * ce(scores)
+            total = total + expert_weight * ce(scores)
     return total

@@ -14,9 +14,12 @@ Guarantees shared by all poolings:
   arithmetic, so neither the outputs nor the gradients see them;
 * a bag's output depends only on its own real instances, not on their order,
   on the other bags of the batch or on ``N_max``;
-* a bag with no real instance raises :class:`~milcell.exceptions.DataError`
-  naming its index; a malformed ``x`` or ``mask`` raises
-  :class:`~milcell.exceptions.ShapeError` naming the argument;
+* a malformed ``x`` or ``mask`` raises :class:`~milcell.exceptions.ShapeError`
+  naming the argument; with the value checks on (:func:`milcell.checks`,
+  ``MILCELL_CHECKS=1``) a bag with no real instance raises
+  :class:`~milcell.exceptions.DataError` naming its index (with them off,
+  the default, nothing reads the mask's values on the host, so a forward
+  pass never waits for the device);
 * softmaxes over instances are computed in float32, also under autocast.
 
 Poolings are built by name through a registry, like timm's ``create_model``:
@@ -57,12 +60,15 @@ import contextlib
 import inspect
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from milcell._checks import checks_enabled
+from milcell._validation import check_choice, check_int, check_real, constraint_error
 from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.registry import Registry
 
@@ -98,25 +104,17 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
-def _check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_dropout(value: Any, name: str = "dropout") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
+    return check_real(value, name, low=0.0, high=1.0, high_open=True)
 
 
 def _check_hidden(hidden: Any, name: str = "hidden") -> tuple[int, ...]:
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
+    """Hidden layer sizes: one integer or a sequence of integers, each ``>= 1``."""
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
     if not isinstance(hidden, Sequence) or isinstance(hidden, str):
-        raise ConfigError(f"{name} must be a tuple of positive integers, got {hidden!r}")
-    return tuple(_check_positive_int(h, f"{name}[{i}]") for i, h in enumerate(hidden))
+        raise constraint_error(name, "a tuple of integers >= 1", hidden)
+    return tuple(check_int(h, f"{name}[{i}]", low=1) for i, h in enumerate(hidden))
 
 
 def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:
@@ -133,7 +131,7 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> 
 
 
 def _check_clinical(clinical: Any, batch: int, dim: int, owner: str) -> Tensor:
-    """Validate a ``(B, F)`` clinical tensor: present, 2-D, right width, finite."""
+    """Validate a ``(B, F)`` clinical tensor: present, 2-D, right width; finite when checks are on."""
     if clinical is None:
         raise ShapeError(f"clinical is required by {owner} (expected a tensor of shape (B, {dim}))")
     if not isinstance(clinical, Tensor):
@@ -146,10 +144,11 @@ def _check_clinical(clinical: Any, batch: int, dim: int, owner: str) -> Tensor:
         raise ShapeError(f"clinical has {clinical.shape[0]} rows but the batch has {batch} bags")
     if not clinical.is_floating_point():
         raise ShapeError(f"clinical must be a floating-point tensor, got dtype {clinical.dtype}")
-    bad = ~torch.isfinite(clinical).all(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise DataError(f"clinical holds NaN or inf in bag {rows[0]} (rows {rows})")
+    if checks_enabled():
+        bad = ~torch.isfinite(clinical).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise DataError(f"clinical holds NaN or inf in bag {rows[0]} (rows {rows})")
     return clinical
 
 
@@ -228,13 +227,24 @@ def create_pooling(name: str, in_dim: int, **kwargs: Any) -> MILPooling:
     Raises
     ------
     ConfigError
-        For an unknown name (with a suggestion) or an option the pooling
-        does not take.
+        For an unknown name (with a suggestion), an option the pooling
+        does not take, or an invalid value (the message names the argument,
+        the constraint and the value).
+
+    Integers may be Python or numpy integers, reals Python or numpy numbers;
+    they are stored as plain ``int`` / ``float``.
 
     Examples
     --------
+    >>> import numpy as np
     >>> create_pooling("lse", 4, r=2.0).out_dim
     4
+    >>> create_pooling("attention", np.int64(8), hidden=np.int32(16)).hidden
+    16
+    >>> create_pooling("attention", 8, hidden=0)
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.ConfigError: hidden must be an integer >= 1, got 0
     >>> create_pooling("mean", 4, hidden=3)
     Traceback (most recent call last):
     ...
@@ -301,7 +311,7 @@ class MILPooling(nn.Module):
 
     def __init__(self, in_dim: int) -> None:
         super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
+        self.in_dim = check_int(in_dim, "in_dim", low=1)
         self.out_dim = self.in_dim
 
     # -- validation -------------------------------------------------------------------
@@ -331,6 +341,8 @@ class MILPooling(nn.Module):
             )
         if mask.device != x.device:
             raise ShapeError(f"mask is on {mask.device} but x is on {x.device}")
+        if not checks_enabled():
+            return
         empty = ~mask.any(dim=1)
         if bool(empty.any()):
             bags = empty.nonzero().flatten().tolist()
@@ -378,7 +390,8 @@ class MILPooling(nn.Module):
         ShapeError
             If ``x`` or ``mask`` has the wrong type, rank, size or dtype.
         DataError
-            If a bag has no real instance (the message names its index).
+            If a bag has no real instance (the message names its index);
+            only while the value checks are on (:func:`milcell.checks`).
         """
         x_clean = self._prepare(x, mask)
         embedding, weights = self._pool(x_clean, mask, clinical)
@@ -491,9 +504,7 @@ class LSEPooling(MILPooling):
 
     def __init__(self, in_dim: int, r: float = 5.0, learnable_r: bool = False) -> None:
         super().__init__(in_dim)
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ConfigError(f"r must be a finite float > 0, got {r!r}")
-        log_r = torch.tensor(math.log(float(r)))
+        log_r = torch.tensor(math.log(check_real(r, "r", low=0.0, low_open=True)))
         self.learnable_r = bool(learnable_r)
         if self.learnable_r:
             self.log_r = nn.Parameter(log_r)
@@ -551,7 +562,7 @@ class AttentionPooling(MILPooling):
 
     def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim)
-        self.hidden = _check_positive_int(hidden, "hidden")
+        self.hidden = check_int(hidden, "hidden", low=1)
         self.attention_v = nn.Linear(self.in_dim, self.hidden)
         self.attention_u = nn.Linear(self.in_dim, self.hidden) if self.gated else None
         self.attention_w = nn.Linear(self.hidden, 1)
@@ -600,6 +611,45 @@ class GatedAttentionPooling(AttentionPooling):
     gated = True
 
 
+def _dense_rank(key: Tensor) -> Tensor:
+    """Dense rank (``0, 1, ...``) of each entry of ``key`` ``(B, N, K)`` along the instance axis.
+
+    Ranks are per bag and per column; equal values share a rank (NaN, unequal to itself, gets
+    one of its own). Sorting only, so no host-device sync.
+    """
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    step = torch.ne(sorted_key[:, 1:], sorted_key[:, :-1]).long()
+    first = torch.zeros_like(sorted_key[:, :1], dtype=torch.long)
+    ranks = torch.cat([first, step], dim=1).cumsum(dim=1)
+    return torch.empty_like(ranks).scatter_(1, order, ranks)
+
+
+def _lexicographic_rank(x: Tensor) -> Tensor:
+    """``(B, N)`` long: rank of each instance of ``x`` ``(B, N, D)`` in lexicographic order.
+
+    Ascending by ``x[..., 0]``, then ``x[..., 1]``, ... within each bag; identical instances
+    share a rank. Columns are dense-ranked (ranks ``< N``), then neighbouring columns are merged
+    pairwise (``r_a * N + r_b``, dense-ranked again) until one column is left: about
+    ``log2(D)`` batched sorts, with no data-dependent branch. Features of at most 32 bits are
+    first mapped to order-preserving ``int32`` keys and packed two per ``int64``, which halves
+    the work (``-0.0`` then sorts just below ``0.0``).
+    """
+    n = x.shape[1]
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):  # exact in float32
+        bits = x.float().contiguous().view(torch.int32)
+        keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # monotone in the float's value
+        if keys.shape[2] % 2:
+            keys = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=2)
+        ranks = _dense_rank(keys[..., 0::2] * 2**32 + (keys[..., 1::2] + 2**31))
+    else:
+        ranks = _dense_rank(x)
+    while ranks.shape[2] > 1:
+        if ranks.shape[2] % 2:
+            ranks = torch.cat([ranks, torch.zeros_like(ranks[..., :1])], dim=2)
+        ranks = _dense_rank(ranks[..., 0::2] * n + ranks[..., 1::2])
+    return ranks.squeeze(2)
+
+
 def _rank_instances(scores: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     """Permutation ``(B, N)`` putting real instances first, by descending score.
 
@@ -607,25 +657,18 @@ def _rank_instances(scores: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     themselves, lexicographically (descending ``x[..., 0]``, then
     ``x[..., 1]``, ...), so the order depends only on the bag's content.
     Instances equal in score and in every feature are interchangeable.
+    The tie-break is always computed (no ``if ties.any()``), so ranking
+    never waits for the device.
     """
     batch, n = scores.shape
 
     def stable_desc(perm: Tensor, key: Tensor) -> Tensor:
         return perm.gather(1, torch.sort(key.gather(1, perm), dim=1, descending=True, stable=True).indices)
 
-    key = torch.where(mask, scores, float("-inf"))
-    mask_key = mask.to(torch.int8)
     perm = torch.arange(n, device=scores.device).expand(batch, n)
-    perm = stable_desc(stable_desc(perm, key), mask_key)
-    sorted_key = key.gather(1, perm)
-    sorted_real = mask.gather(1, perm)
-    ties = (sorted_key[:, 1:] == sorted_key[:, :-1]) & sorted_real[:, 1:]
-    if bool(ties.any()):
-        perm = torch.arange(n, device=scores.device).expand(batch, n)
-        for d in reversed(range(x.shape[-1])):
-            perm = stable_desc(perm, x[..., d])
-        perm = stable_desc(stable_desc(perm, key), mask_key)
-    return perm
+    perm = stable_desc(perm, _lexicographic_rank(x))
+    perm = stable_desc(perm, torch.where(mask, scores, float("-inf")))
+    return stable_desc(perm, mask.to(torch.int8))
 
 
 @register_pooling("conv")
@@ -690,15 +733,13 @@ class ConvPooling(MILPooling):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_dim)
-        self.out_dim = self.in_dim if out_dim is None else _check_positive_int(out_dim, "out_dim")
-        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
+        self.out_dim = self.in_dim if out_dim is None else check_int(out_dim, "out_dim", low=1)
+        self.kernel_size = check_int(kernel_size, "kernel_size", low=1)
         if self.kernel_size % 2 == 0:
-            raise ConfigError(
-                f"kernel_size must be odd (a window centred on each instance), got {kernel_size}"
+            raise constraint_error(
+                "kernel_size", "an odd integer (a window centred on each instance)", kernel_size
             )
-        if reduce not in ("mean", "max"):
-            raise ConfigError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-        self.reduce = reduce
+        self.reduce = check_choice(reduce, "reduce", ("mean", "max"))
         self.score = nn.Linear(self.in_dim, 1)
         self.conv = nn.Conv1d(self.in_dim + 1, self.out_dim, self.kernel_size, padding=self.kernel_size // 2)
         self.dropout = nn.Dropout(_check_dropout(dropout))
@@ -787,11 +828,9 @@ class InstanceMeanPooling(MILPooling):
         clinical_dim: int = 0,
     ) -> None:
         super().__init__(in_dim)
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
-        if self.num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2 (softmax over classes), got {num_classes}")
+        self.num_classes = check_int(num_classes, "num_classes", low=2)
         self.hidden = _check_hidden(hidden)
-        self.clinical_dim = _check_positive_int(clinical_dim, "clinical_dim", allow_zero=True)
+        self.clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
         self.uses_clinical = self.clinical_dim > 0
         self.out_dim = self.num_classes
         self.classifier = _mlp(

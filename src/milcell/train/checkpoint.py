@@ -52,7 +52,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from milcell._utils import atomic_path
+from milcell._utils import atomic_path, json_safe
 from milcell.exceptions import CheckpointError
 
 __all__ = [
@@ -100,7 +100,8 @@ def capture_rng_state(generators: Iterable[torch.Generator] = ()) -> dict[str, A
     >>> torch.equal(a, torch.rand(1))
     True
     """
-    np_state = np.random.get_state()  # noqa: NPY002 - the global generator is what is captured
+    np_state = np.random.get_state(legacy=True)  # noqa: NPY002 - the global generator is what is captured
+    assert isinstance(np_state, tuple)  # legacy=True: (name, keys, pos, has_gauss, cached_gaussian)
     return {
         "python": random.getstate(),
         "numpy": {
@@ -166,21 +167,6 @@ def restore_rng_state(state: Mapping[str, Any], generators: Iterable[torch.Gener
 # --------------------------------------------------------------------------- save
 
 
-def _json_safe(obj: Any) -> Any:
-    """A JSON-serialisable copy of ``obj`` (tuples become lists, other objects their ``repr``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else str(obj)
-    if isinstance(obj, (np.integer, np.floating)):
-        return _json_safe(obj.item())
-    return repr(obj)
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -242,9 +228,9 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "monitor": monitor,
-        "monitor_value": None if monitor_value is None else _json_safe(float(monitor_value)),
+        "monitor_value": None if monitor_value is None else json_safe(float(monitor_value)),
         "model_class": type(module).__qualname__,
-        "model_config": _json_safe(dict(config)) if isinstance(config, Mapping) else None,
+        "model_config": json_safe(dict(config)) if isinstance(config, Mapping) else None,
     }
     state = {
         "format_version": FORMAT_VERSION,

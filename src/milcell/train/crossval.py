@@ -3,9 +3,9 @@
 :func:`cross_validate` splits the samples with
 :func:`~milcell.data.splits.patient_kfold` (stratified, grouped by patient,
 optionally repeated), and for every fold builds a new model, asks the caller
-for the fold's ``(train, val)`` datasets, trains it with a
-:class:`~milcell.train.trainer.Trainer`, restores the best checkpoint and
-predicts the validation bags. It returns a :class:`CVResult`: per-fold
+for the fold's ``(train, val)`` datasets, trains it with
+:func:`~milcell.train.fit.fit_model` (a :class:`~milcell.train.trainer.Trainer`),
+restores the best checkpoint and predicts the validation bags. It returns a :class:`CVResult`: per-fold
 metrics with their mean ± std, the out-of-fold predictions and the fold
 models (for an ensemble, see :mod:`milcell.train.ensemble`).
 
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +69,8 @@ from numpy.typing import ArrayLike
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from milcell._utils import atomic_path
+from milcell._utils import atomic_path, json_safe
+from milcell._validation import check_choice, check_int
 from milcell.data.bag import Bag, collate_bags
 from milcell.data.datasets import FeatureBagDataset
 from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler
@@ -79,7 +79,7 @@ from milcell.exceptions import CheckpointError, ConfigError, DataError
 from milcell.metrics import format_summary, summarize_folds
 from milcell.train.checkpoint import load_weights
 from milcell.train.distributed import is_main_process, make_loader
-from milcell.train.trainer import Trainer
+from milcell.train.fit import fit_model
 
 __all__ = ["CVResult", "OOFPredictions", "cross_validate", "feature_subset"]
 
@@ -273,15 +273,6 @@ def feature_subset(
     )
 
 
-def _json_float(value: float) -> float | str:
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
-
-
-def _from_json_float(value: Any) -> float:
-    return float(value)
-
-
 def _fold_dir(output_dir: Path, fold: Fold) -> Path:
     return output_dir / f"fold_{fold.repeat}_{fold.fold}"
 
@@ -362,12 +353,6 @@ def _train_loader(
         num_workers=num_workers,
         drop_last=drop_last,
     )
-
-
-def _check_positive_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"cross_validate: {name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------- main
@@ -455,15 +440,12 @@ def cross_validate(
         Datasets that do not match the fold.
     """
     y = np.asarray(labels)
-    n_splits = _check_positive_int("n_splits", n_splits, 2)
-    n_repeats = _check_positive_int("n_repeats", n_repeats)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    num_workers = _check_positive_int("num_workers", num_workers, 0)
-    seed = _check_positive_int("seed", seed, 0)
-    if sampler not in (None, "balanced", "oversample"):
-        raise ConfigError(
-            f"cross_validate: sampler must be None, 'balanced' or 'oversample', got {sampler!r}"
-        )
+    n_splits = check_int(n_splits, "cross_validate: n_splits", low=2)
+    n_repeats = check_int(n_repeats, "cross_validate: n_repeats", low=1)
+    batch_size = check_int(batch_size, "cross_validate: batch_size", low=1)
+    num_workers = check_int(num_workers, "cross_validate: num_workers", low=0)
+    seed = check_int(seed, "cross_validate: seed", low=0)
+    sampler = check_choice(sampler, "cross_validate: sampler", (None, "balanced", "oversample"))
     if not callable(build_model) or not callable(make_datasets):
         raise ConfigError("cross_validate: build_model and make_datasets must be callables")
     kwargs = dict(trainer_kwargs or {})
@@ -473,7 +455,8 @@ def cross_validate(
             f"cross_validate: trainer_kwargs may not set {reserved}; use output_dir, build_optimizer, "
             "build_scheduler and callbacks_factory instead"
         )
-    folds = patient_kfold(y, groups, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    g = None if groups is None else np.asarray(groups, dtype=object)  # as patient_kfold reads them
+    folds = patient_kfold(y, g, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
     root = None if output_dir is None else Path(output_dir)
 
     fold_rows: list[dict[str, float]] = []
@@ -503,9 +486,9 @@ def cross_validate(
                 fold_dir=fold_dir,
                 callbacks_factory=callbacks_factory,
             )
-        metrics = {k: _from_json_float(v) for k, v in record["metrics"].items()}
+        metrics = {k: float(v) for k, v in record["metrics"].items()}
         fold_rows.append({**metrics, "repeat": float(fold.repeat), "fold": float(fold.fold)})
-        histories.append([{k: _from_json_float(v) for k, v in row.items()} for row in record["history"]])
+        histories.append([{k: float(v) for k, v in row.items()} for row in record["history"]])
         oof_parts.append(record["oof"] | {"repeat": fold.repeat, "fold": fold.fold})
         if keep_models and model is not None:
             models.append(model)
@@ -564,32 +547,18 @@ def _run_fold(
         train_ds, y[fold.train], sampler, batch_size, num_workers, fold_seed, drop_last=drop_last
     )
     val_loader = make_loader(val_ds, batch_size, shuffle=False, num_workers=num_workers)
-    trainer_args = dict(kwargs)
-    trainer_args.setdefault("seed", fold_seed)
-    optimizer = None if build_optimizer is None else build_optimizer(model)
-    trainer = Trainer(
+    logger.info("cross_validate: training fold %d of repeat %d", fold.fold, fold.repeat)
+    _, trainer, history = fit_model(
         model,
-        optimizer=optimizer,
+        train_loader,
+        val_loader,
+        trainer_kwargs={"seed": fold_seed, **kwargs},
+        build_optimizer=build_optimizer,
+        build_scheduler=build_scheduler,
         output_dir=fold_dir,
         callbacks=list(callbacks_factory(fold)) if callbacks_factory is not None else (),
-        **trainer_args,
+        resume=True,
     )
-    if build_scheduler is not None:
-        trainer.scheduler = build_scheduler(trainer.optimizer)
-    resume = None
-    if fold_dir is not None and (fold_dir / "checkpoints" / "last" / "checkpoint.json").is_file():
-        resume = fold_dir / "checkpoints" / "last"
-        logger.info("cross_validate: fold %d of repeat %d resumes from %s", fold.fold, fold.repeat, resume)
-    history = trainer.fit(train_loader, val_loader, resume_from=resume)
-    if trainer.best_epoch > 0:
-        trainer.load_best()
-    else:
-        logger.warning(
-            "cross_validate: fold %d of repeat %d never improved %s; keeping the last weights",
-            fold.fold,
-            fold.repeat,
-            trainer.monitor,
-        )
     metrics = trainer.evaluate(val_loader)
     preds = trainer.predict(val_loader)
     if len(preds.ids) != len(fold.val):
@@ -603,8 +572,8 @@ def _run_fold(
         "train": fold.train.tolist(),
         "val": fold.val.tolist(),
         "best_epoch": trainer.best_epoch,
-        "metrics": {k: _json_float(v) for k, v in metrics.items()},
-        "history": [{k: _json_float(v) for k, v in row.items()} for row in history],
+        "metrics": json_safe(metrics),
+        "history": json_safe(history),
         "oof": {
             "ids": list(preds.ids),
             "indices": fold.val.tolist(),

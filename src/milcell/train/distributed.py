@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from milcell._validation import check_int, check_real
 from milcell.data.bag import collate_bags
 from milcell.exceptions import ConfigError
 
@@ -134,13 +135,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
     Raises
     ------
     ConfigError
-        If ``torch.distributed`` is unavailable in this torch build.
+        If ``torch.distributed`` is unavailable in this torch build, or ``timeout_s <= 0``.
 
     Examples
     --------
     >>> init_distributed().type in {"cpu", "cuda"}
     True
     """
+    timeout_s = check_real(timeout_s, "init_distributed: timeout_s", low=0.0, low_open=True)
     use_cuda = torch.cuda.is_available()
     local_rank = _env_int("LOCAL_RANK", 0)
     device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else None
@@ -252,9 +254,13 @@ def make_loader(
     >>> loader = make_loader(bags, batch_size=2, shuffle=True, seed=1)
     >>> [len(b) for b in loader]
     [2, 2, 1]
+    >>> make_loader(bags, batch_size=0, shuffle=False)
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.ConfigError: make_loader: batch_size must be an integer >= 1, got 0
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int(batch_size, "make_loader: batch_size", low=1)
+    seed = check_int(seed, "make_loader: seed")
     for key in ("sampler", "generator", "batch_sampler", "shuffle"):
         if key in kwargs:
             raise ConfigError(f"make_loader: {key!r} is chosen by make_loader; build a DataLoader yourself")

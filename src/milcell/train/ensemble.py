@@ -31,7 +31,6 @@ tensor([0, 1])
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -39,15 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from milcell._validation import check_choice
 from milcell.data.bag import BagBatch
 from milcell.exceptions import ConfigError, DataError, ShapeError
-from milcell.train.trainer import Predictions
+from milcell.train.inference import Predictions, _check_precision, _model_device, predict
 
 __all__ = ["predict_ensemble", "vote"]
 
 logger = logging.getLogger("milcell")
-
-_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _as_probabilities(values: Sequence[Tensor | np.ndarray]) -> Tensor:
@@ -130,57 +128,16 @@ def vote(probabilities: Sequence[Tensor | np.ndarray], method: str = "soft") -> 
     return (votes + mean) / (n_models + 1)
 
 
-def _probabilities(logits: Tensor) -> Tensor:
-    logits = logits.float()
-    if logits.ndim != 2:
-        raise ShapeError(f"model logits must have shape (B, C), got {tuple(logits.shape)}")
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1.0 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _predict_one(
     model: nn.Module, loader: Iterable[BagBatch], device: torch.device, precision: str
-) -> tuple[list[str], Tensor, Tensor]:
-    original = _model_device(model)
-    was_training = model.training
-    model.to(device).eval()
-    dtype = _PRECISIONS[precision]
-    ids: list[str] = []
-    probs: list[Tensor] = []
-    labels: list[Tensor] = []
+) -> Predictions:
     try:
-        with torch.inference_mode():
-            for batch in loader:
-                if not isinstance(batch, BagBatch):
-                    raise DataError(
-                        "predict_ensemble: the loader must yield BagBatch (collate_fn=collate_bags), "
-                        f"got {type(batch).__name__}"
-                    )
-                moved = batch.to(device)
-                autocast = (
-                    torch.autocast(device_type=device.type, dtype=dtype)
-                    if dtype is not None
-                    else contextlib.nullcontext()
-                )
-                with autocast:
-                    output = model(moved)
-                logits = getattr(output, "logits", output)
-                probs.append(_probabilities(logits).cpu())
-                labels.append(batch.labels.cpu())
-                ids.extend(batch.ids)
-    finally:
-        model.to(original)
-        model.train(was_training)
-    if not probs:
+        preds = predict(model, loader, device=device, precision=precision)
+    except DataError as exc:
+        raise DataError(f"predict_ensemble: {exc}") from exc
+    if not preds.ids:
         raise DataError("predict_ensemble: the loader yielded no batch")
-    return ids, torch.cat(probs), torch.cat(labels)
+    return preds
 
 
 def predict_ensemble(
@@ -235,11 +192,8 @@ def predict_ensemble(
     >>> preds.ids, preds.probabilities.shape
     (['P0', 'P1', 'P2', 'P3', 'P4'], torch.Size([5, 2]))
     """
-    if method not in ("soft", "hard"):
-        raise ConfigError(f"predict_ensemble: method must be 'soft' or 'hard', got {method!r}")
-    precision = str(precision)
-    if precision not in _PRECISIONS:
-        raise ConfigError(f"predict_ensemble: precision must be '32', 'bf16' or 'fp16', got {precision!r}")
+    method = check_choice(method, "predict_ensemble: method", ("soft", "hard"))
+    precision = _check_precision(precision, "predict_ensemble: precision")
     models = list(models)
     if not models:
         raise ConfigError("predict_ensemble: got no model")
@@ -248,7 +202,7 @@ def predict_ensemble(
     labels: Tensor | None = None
     all_probs: list[Tensor] = []
     for i, model in enumerate(models):
-        m_ids, m_probs, m_labels = _predict_one(model, loader, target, precision)
+        m_ids, m_probs, m_labels, _ = _predict_one(model, loader, target, precision)
         if ids is None:
             ids, labels = m_ids, m_labels
         elif m_ids != ids:

@@ -51,7 +51,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -66,10 +65,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from milcell._utils import atomic_path
+from milcell._utils import atomic_path, json_safe
+from milcell._validation import check_int
 from milcell.data.bag import Bag, BagBatch, collate_bags
 from milcell.data.datasets import BagDataset, FeatureBagDataset, InstanceDataset, select_instances
 from milcell.exceptions import CacheError, ConfigError, DataError, ShapeError
+from milcell.nn.encoder import encode_in_chunks
+from milcell.train.inference import _check_precision, autocast
 
 __all__ = ["FEATURES_NAME", "MANIFEST_NAME", "cache_key", "extract_features", "state_dict_hash"]
 
@@ -78,7 +80,7 @@ logger = logging.getLogger("milcell")
 FEATURES_NAME = "features.safetensors"
 MANIFEST_NAME = "manifest.json"
 _CACHE_VERSION = 1
-_PRECISIONS = {"32": None, "bf16": torch.bfloat16}
+_PRECISIONS = ("32", "bf16")  # fp16 features would lose range for nothing: the cache stores float32
 
 
 def state_dict_hash(module: nn.Module) -> str:
@@ -106,18 +108,6 @@ def state_dict_hash(module: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return repr(obj)
 
 
 def _items(dataset: Dataset[Bag]) -> tuple[list[str], list[list[str]], bool]:
@@ -169,7 +159,7 @@ def _preprocessing(backbone: nn.Module, dataset: Dataset[Bag]) -> dict[str, Any]
         "transform": text,
         "max_instances": getattr(dataset, "max_instances", None),
         "apply_mask": getattr(dataset, "apply_mask", None),
-        "data_config": _jsonable(getattr(backbone, "data_config", None)),
+        "data_config": json_safe(getattr(backbone, "data_config", None)),
     }
 
 
@@ -278,16 +268,6 @@ def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> FeatureBagDataset | 
     return cached
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = _PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        logger.warning("extract_features: bf16 is not supported on %s; running in float32", device)
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _embed(
     backbone: nn.Module,
     dataset: Dataset[Bag],
@@ -314,17 +294,11 @@ def _embed(
                     f"extract_features: instances must be images (T, C, H, W), got {tuple(x.shape)} "
                     f"in bags {batch.ids[:3]}"
                 )
-            outs = []
-            for chunk in x.split(chunk_size):
-                with _autocast(device, precision):
-                    out = backbone(chunk.to(device, non_blocking=device.type == "cuda"))
-                if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != chunk.shape[0]:
-                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise ShapeError(
-                        f"extract_features: the backbone must return (n, D) features, got {shape}"
-                    )
-                outs.append(out.float().cpu())
-            packed = torch.cat(outs)
+            try:
+                with autocast(device, precision):
+                    packed = encode_in_chunks(backbone, x, chunk_size, device=device).float().cpu()
+            except ShapeError as exc:
+                raise ShapeError(f"extract_features: {exc} (bags {batch.ids[:3]})") from exc
             features.extend(part.clone() for part in batch.split(packed))
             ids.extend(batch.ids)
             if names is not None and batch.instance_names is not None:
@@ -402,16 +376,14 @@ def extract_features(
     >>> extract_features(torch.nn.Flatten(1), [Bag(torch.rand(2, 3, 4, 4))], None, precision="16")
     Traceback (most recent call last):
     ...
-    milcell.exceptions.ConfigError: extract_features: precision must be '32' or 'bf16', got '16'
+    milcell.exceptions.ConfigError: extract_features: precision must be one of '32', 'bf16', got '16'
     """
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"extract_features: backbone must be an nn.Module, got {type(backbone).__name__}")
-    precision = str(precision)
-    if precision not in _PRECISIONS:
-        raise ConfigError(f"extract_features: precision must be '32' or 'bf16', got {precision!r}")
-    for name, value, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"extract_features: {name} must be an int >= {low}, got {value!r}")
+    precision = _check_precision(precision, "extract_features: precision", _PRECISIONS)
+    batch_size = check_int(batch_size, "extract_features: batch_size", low=1)
+    chunk_size = check_int(chunk_size, "extract_features: chunk_size", low=1)
+    num_workers = check_int(num_workers, "extract_features: num_workers", low=0)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("extract_features: the dataset is empty")
     key = cache_key(backbone, dataset, precision, key_extra)

@@ -58,18 +58,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from milcell._validation import check_int, check_real
 from milcell.data.bag import Bag
 from milcell.exceptions import ConfigError, DataError
 from milcell.train.distributed import make_loader
+from milcell.train.fit import fit_model
 from milcell.train.trainer import Trainer
 
 __all__ = ["NoisyStudentResult", "PseudoLabelledDataset", "noisy_student"]
@@ -224,22 +226,22 @@ def _fit(
     model = build()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"noisy_student: a model builder returned {type(model).__name__}, not an nn.Module")
-    args = dict(kwargs)
-    args.setdefault("seed", seed)
-    args.setdefault("progress", False)
-    optimizer = None if build_optimizer is None else build_optimizer(model)
-    trainer = Trainer(model, optimizer=optimizer, **args)
-    if build_scheduler is not None:
-        trainer.scheduler = build_scheduler(trainer.optimizer)
     train_loader = make_loader(
         train, batch_size, shuffle=True, seed=seed, num_workers=num_workers, drop_last=drop_last
     )
     val_loader = None if val is None else make_loader(val, batch_size, shuffle=False, num_workers=num_workers)
-    history = trainer.fit(train_loader, val_loader)
+    # Without validation data the last weights are kept (the monitor would be the training loss).
+    model, trainer, history = fit_model(
+        model,
+        train_loader,
+        val_loader,
+        trainer_kwargs={"seed": seed, "progress": False, **kwargs},
+        build_optimizer=build_optimizer,
+        build_scheduler=build_scheduler,
+        restore_best=val_loader is not None,
+    )
     metrics: dict[str, float] = {}
     if val_loader is not None:
-        if trainer.best_epoch > 0:
-            trainer.load_best()
         metrics = {f"val_{k}": float(v) for k, v in trainer.evaluate(val_loader).items()}
     return model, trainer, history, metrics
 
@@ -296,13 +298,14 @@ def noisy_student(
     trainer_kwargs : mapping, optional
         Forwarded to :class:`~milcell.train.trainer.Trainer` (``max_epochs``,
         ``lr``, ``monitor``, ``device``, ``precision``...; ``progress``
-        defaults to False). ``optimizer``, ``callbacks`` and ``output_dir``
-        may not appear.
+        defaults to False). ``optimizer``, ``scheduler``, ``callbacks`` and
+        ``output_dir`` may not appear. Every model is trained by
+        :func:`~milcell.train.fit.fit_model`.
     build_optimizer : callable, optional
         ``model -> optimizer`` for every model.
     build_scheduler : callable, optional
         ``optimizer -> scheduler`` for every model (e.g. the report's step
-        decay ×0.1 every 7 epochs).
+        decay ×0.1 every 7 epochs), given to the trainer at construction.
     drop_last : bool, default False
         Drop the last incomplete training batch.
     seed : int, default 0
@@ -320,11 +323,12 @@ def noisy_student(
         ``unlabelled_eval`` not matching ``unlabelled``, no unlabelled item
         passing the threshold, or labelled bags without a valid label.
     """
-    for name, value, low in (("iterations", iterations, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"noisy_student: {name} must be an int >= {low}, got {value!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
-        raise ConfigError(f"noisy_student: threshold must be None or in [0, 1], got {threshold!r}")
+    iterations = check_int(iterations, "noisy_student: iterations", low=1)
+    batch_size = check_int(batch_size, "noisy_student: batch_size", low=1)
+    num_workers = check_int(num_workers, "noisy_student: num_workers", low=0)
+    seed = check_int(seed, "noisy_student: seed", low=0)
+    if threshold is not None:
+        threshold = check_real(threshold, "noisy_student: threshold", low=0.0, high=1.0)
     kwargs = dict(trainer_kwargs or {})
     reserved = [k for k in _RESERVED if k in kwargs]
     if reserved:
@@ -353,8 +357,8 @@ def noisy_student(
     rows = [
         {
             "iteration": 0.0,
-            "n_train": float(len(labelled)),
-            "n_pseudo": 0.0,  # type: ignore[arg-type]
+            "n_train": float(_size(labelled)),
+            "n_pseudo": 0.0,
             "best_epoch": float(trainer.best_epoch),
             **metrics,
         }
@@ -419,8 +423,8 @@ def noisy_student(
         rows.append(
             {
                 "iteration": float(it),
-                "n_train": float(len(train)),
-                "n_pseudo": float(len(pseudo)),  # type: ignore[arg-type]
+                "n_train": float(_size(train)),
+                "n_pseudo": float(_size(pseudo)),
                 "best_epoch": float(trainer.best_epoch),
                 **metrics,
             }
@@ -429,6 +433,10 @@ def noisy_student(
         histories.append(history)
         logger.info("noisy_student: student %d trained; %s", it, _brief(metrics))
     return NoisyStudentResult(rows, models, stats, histories)
+
+
+def _size(dataset: Dataset[Bag]) -> int:
+    return len(cast(Sized, dataset))
 
 
 def _ids(dataset: Dataset[Bag]) -> list[str] | None:

@@ -39,23 +39,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from milcell._utils import atomic_path
+from milcell._utils import write_dict_csv
+from milcell._validation import check_choice, check_int, check_real
 from milcell.data.bag import BagBatch
 from milcell.exceptions import CheckpointError, ConfigError, DataError
-from milcell.metrics import binary_report, multiclass_report
+from milcell.metrics import BinaryReport, MulticlassReport, binary_report, multiclass_report
 from milcell.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -71,12 +72,25 @@ from milcell.train.distributed import (
     is_main_process,
     launched_distributed,
 )
+from milcell.train.inference import (
+    Predictions,
+    _check_precision,
+    _n_targets,
+    _run_inference,
+    _to_device,
+    autocast,
+)
 
-__all__ = ["MILModelLike", "MILOutputLike", "Predictions", "Trainer", "write_history_csv"]
+__all__ = [
+    "MILModelLike",
+    "MILOutputLike",
+    "Trainer",
+    "write_history_csv",
+]
 
 logger = logging.getLogger("milcell")
 
-_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
 
 
 @runtime_checkable
@@ -105,30 +119,29 @@ class MILModelLike(Protocol):
     def loss(self, output: Any, batch: BagBatch, class_weights: Tensor | None = None) -> Tensor: ...
 
 
-class Predictions(NamedTuple):
-    """Per-bag predictions returned by :meth:`Trainer.predict` (a named tuple).
-
-    - ``ids``: list of ``n`` bag identifiers;
-    - ``probabilities``: ``(n, C)`` float32 class probabilities on the CPU;
-    - ``labels``: ``(n,)`` long labels (``-1`` = unlabelled);
-    - ``attention``: one ``(N_i,)`` tensor per bag holding the weights of its
-      real instances, or None when the model returns no attention.
-    """
-
-    ids: list[str]
-    probabilities: Tensor
-    labels: Tensor
-    attention: list[Tensor] | None
-
-
-def _probabilities(logits: Tensor) -> Tensor:
-    logits = logits.float()
-    if logits.ndim != 2:
-        raise DataError(f"model logits must have shape (B, C), got {tuple(logits.shape)}")
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1.0 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
+def _build_scheduler(
+    scheduler: LRScheduler | SchedulerFactory | None, optimizer: torch.optim.Optimizer, interval: str
+) -> LRScheduler | None:
+    """The scheduler instance: ``scheduler`` itself, or ``scheduler(optimizer)`` for a factory."""
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, LRScheduler) and callable(scheduler) and not hasattr(scheduler, "step"):
+        built = scheduler(optimizer)
+        if not callable(getattr(built, "step", None)):
+            raise ConfigError(
+                "scheduler: the factory must return a learning-rate scheduler (with step()), "
+                f"got {type(built).__name__}"
+            )
+        scheduler = built
+    instance = cast(LRScheduler, scheduler)  # LRScheduler or a duck-typed object with step()
+    if isinstance(instance, ReduceLROnPlateau) and interval != "epoch":
+        raise ConfigError("ReduceLROnPlateau needs scheduler_interval='epoch' (it steps on the monitor)")
+    if getattr(instance, "optimizer", optimizer) is not optimizer:
+        raise ConfigError(
+            "scheduler steps another optimizer than the trainer's; pass a factory "
+            "(optimizer -> scheduler) when the trainer builds its own optimizer"
+        )
+    return instance
 
 
 def _loader_generators(loader: Iterable[Any] | None) -> list[torch.Generator]:
@@ -185,10 +198,12 @@ class Trainer:
         parameters that require gradients.
     lr : float, default 1e-3
         Learning rate of the default optimizer.
-    scheduler : optional
-        Any learning-rate scheduler over ``optimizer``.
-        :class:`~torch.optim.lr_scheduler.ReduceLROnPlateau` is stepped with
-        the monitored value at the end of each epoch.
+    scheduler : LRScheduler or callable, optional
+        A learning-rate scheduler over ``optimizer``, or a factory
+        ``optimizer -> scheduler`` called with the trainer's optimizer (use a
+        factory with the default optimizer). The built scheduler is
+        :attr:`scheduler`. :class:`~torch.optim.lr_scheduler.ReduceLROnPlateau`
+        is stepped with the monitored value at the end of each epoch.
     scheduler_interval : {"epoch", "step"}, default "epoch"
         Step the scheduler after every epoch or after every optimizer step.
     max_epochs : int, default 10
@@ -198,8 +213,8 @@ class Trainer:
         when CUDA is available, else the CPU.
     precision : {"32", "bf16", "fp16"}, default "32"
         ``bf16`` / ``fp16`` run the forward pass and the loss under
-        :func:`torch.autocast` on the device type; ``fp16`` also uses a
-        :class:`torch.amp.GradScaler`.
+        :func:`milcell.train.inference.autocast` on the device type; ``fp16``
+        also uses a :class:`torch.amp.GradScaler`.
     channels_last : bool, default False
         Convert the model and 4-D image instances ``(T, C, H, W)`` to the
         channels-last memory format.
@@ -263,7 +278,9 @@ class Trainer:
     Raises
     ------
     ConfigError
-        For any invalid argument; the message names it.
+        For any invalid argument (integers and reals may be numpy scalars); the
+        message names it. Also a scheduler over another optimizer than the
+        trainer's, and ``ReduceLROnPlateau`` with ``scheduler_interval="step"``.
 
     Examples
     --------
@@ -279,7 +296,7 @@ class Trainer:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         lr: float = 1e-3,
-        scheduler: Any | None = None,
+        scheduler: LRScheduler | SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         max_epochs: int = 10,
         device: str | torch.device | None = None,
@@ -306,34 +323,28 @@ class Trainer:
             raise ConfigError(
                 f"model must be an nn.Module with a loss(output, batch) method, got {type(model).__name__}"
             )
-        precision = str(precision)
-        if precision not in _PRECISIONS:
-            raise ConfigError(f"precision must be one of '32', 'bf16', 'fp16', got {precision!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-        if (
-            isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            and scheduler_interval != "epoch"
-        ):
-            raise ConfigError("ReduceLROnPlateau needs scheduler_interval='epoch' (it steps on the monitor)")
-        for name, value, low in (
-            ("max_epochs", max_epochs, 1),
-            ("accumulate_grad_batches", accumulate_grad_batches, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if patience is not None and (
-            isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
-        ):
-            raise ConfigError(f"patience must be None or an integer >= 1, got {patience!r}")
-        if gradient_clip_norm is not None and not float(gradient_clip_norm) > 0:
-            raise ConfigError(f"gradient_clip_norm must be positive, got {gradient_clip_norm!r}")
-        if mode is not None and mode not in ("max", "min"):
-            raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
-        if float(min_delta) < 0:
-            raise ConfigError(f"min_delta must be >= 0, got {min_delta!r}")
-        if not 0.0 < float(threshold) < 1.0:
-            raise ConfigError(f"threshold must lie strictly between 0 and 1, got {threshold!r}")
+        precision = _check_precision(precision)
+        scheduler_interval = check_choice(scheduler_interval, "scheduler_interval", ("epoch", "step"))
+        lr = check_real(lr, "lr", low=0.0)
+        max_epochs = check_int(max_epochs, "max_epochs", low=1)
+        accumulate_grad_batches = check_int(accumulate_grad_batches, "accumulate_grad_batches", low=1)
+        patience = None if patience is None else check_int(patience, "patience", low=1)
+        gradient_clip_norm = (
+            None
+            if gradient_clip_norm is None
+            else check_real(gradient_clip_norm, "gradient_clip_norm", low=0.0, low_open=True)
+        )
+        mode = None if mode is None else check_choice(mode, "mode", ("max", "min"))
+        min_delta = check_real(min_delta, "min_delta", low=0.0)
+        threshold = check_real(threshold, "threshold", low=0.0, high=1.0, low_open=True, high_open=True)
+        seed = None if seed is None else check_int(seed, "seed")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ConfigError(f"monitor must be None or an epoch-log key (str), got {monitor!r}")
+        if scheduler is not None and not (callable(scheduler) or callable(getattr(scheduler, "step", None))):
+            raise ConfigError(
+                "scheduler must be a learning-rate scheduler or a callable optimizer -> scheduler, "
+                f"got {type(scheduler).__name__}"
+            )
 
         self.distributed = launched_distributed() if distributed is None else bool(distributed)
         if self.distributed:
@@ -360,23 +371,23 @@ class Trainer:
                 raise ConfigError("the model has no trainable parameters and no optimizer was given")
             optimizer = torch.optim.Adam(params, lr=lr)
         self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.scheduler: LRScheduler | None = _build_scheduler(scheduler, optimizer, scheduler_interval)
         self.scheduler_interval = scheduler_interval
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.max_epochs = max_epochs
         self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_norm = None if gradient_clip_norm is None else float(gradient_clip_norm)
+        self.gradient_clip_norm = gradient_clip_norm
         self.monitor = monitor
         self.mode = mode
         self.patience = patience
-        self.min_delta = float(min_delta)
+        self.min_delta = min_delta
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.callbacks = list(callbacks)
         self.progress = progress
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
         self.seed = seed
         self.restore_best = restore_best
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.class_names = None if class_names is None else list(class_names)
 
         self.history: list[dict[str, float]] = []
@@ -401,27 +412,17 @@ class Trainer:
         return None if self.output_dir is None else self.output_dir / "checkpoints"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = _PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
+
+    def _loss(self, output: Any, batch: BagBatch) -> Tensor:
+        # __init__ checked that the model has a loss method.
+        return cast(MILModelLike, self.model).loss(output, batch, class_weights=self.class_weights)
 
     def _to_device(self, batch: BagBatch) -> BagBatch:
-        if not isinstance(batch, BagBatch):
-            raise DataError(
-                f"the loader must yield BagBatch (use collate_fn=collate_bags), got {type(batch).__name__}"
-            )
-        moved = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        moved = _to_device(batch, self.device)
         if self.channels_last and moved.instances.ndim == 4:
             moved.instances = moved.instances.contiguous(memory_format=torch.channels_last)
         return moved
-
-    @staticmethod
-    def _n_targets(batch: BagBatch) -> int:
-        """Bags that contribute to the loss: labelled ones, or all with soft labels."""
-        if batch.soft_labels is not None:
-            return len(batch)
-        return int((batch.labels >= 0).sum().item())
 
     def _resolve_monitor(self, has_val: bool) -> None:
         if self.monitor is None:
@@ -517,7 +518,7 @@ class Trainer:
                 raise ConfigError(f"monitor {self.monitor!r} is not among the epoch logs: {sorted(logs)}")
             value = float(logs[self.monitor])
             if self.scheduler is not None and self.scheduler_interval == "epoch":
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if isinstance(self.scheduler, ReduceLROnPlateau):
                     self.scheduler.step(value)
                 else:
                     self.scheduler.step()
@@ -587,15 +588,11 @@ class Trainer:
             is_step = i + 1 - window_start >= window
             sync = contextlib.nullcontext() if (self._ddp is None or is_step) else self._ddp.no_sync()
             with sync:
-                n_local = self._n_targets(batch)
+                n_local = _n_targets(batch)
                 with self._autocast():
                     output = model(batch)
                     # A batch of unlabelled bags only (possible with batch_size=1) has no loss.
-                    loss = (
-                        self.model.loss(output, batch, class_weights=self.class_weights)
-                        if n_local > 0
-                        else output.logits.sum() * 0.0
-                    )
+                    loss = self._loss(output, batch) if n_local > 0 else output.logits.sum() * 0.0
                 factor = 1.0
                 if self.distributed:
                     # DDP averages gradients over ranks; rescale each rank's mean loss so the
@@ -665,23 +662,31 @@ class Trainer:
             return
         self.write_csv(self.output_dir / "metrics.csv")
         ckpt_dir = self.checkpoint_dir
-        assert ckpt_dir is not None
-        kwargs = {
-            "epoch": self.epoch,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "scaler": self.scaler if self.scaler.is_enabled() else None,
-            "monitor": self.monitor,
-            "monitor_value": float(self.history[-1][self.monitor]),
-            "trainer_state": self._trainer_state(),
-            "rng_state": capture_rng_state(generators),
-        }
+        assert ckpt_dir is not None and self.monitor is not None
+        monitor_value = float(self.history[-1][self.monitor])
+        trainer_state = self._trainer_state()
+        rng_state = capture_rng_state(generators)
+
+        def save(name: str) -> None:
+            save_checkpoint(
+                ckpt_dir / name,
+                self.model,
+                epoch=self.epoch,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler if self.scaler.is_enabled() else None,
+                monitor=self.monitor,
+                monitor_value=monitor_value,
+                trainer_state=trainer_state,
+                rng_state=rng_state,
+            )
+
         # ``best`` before ``last``: a crash between the two leaves ``last`` one epoch behind
         # (that epoch is trained again on resume), never a ``last`` whose records name a
         # best epoch that ``best`` does not hold.
         if improved:
-            save_checkpoint(ckpt_dir / "best", self.model, **kwargs)
-        save_checkpoint(ckpt_dir / "last", self.model, **kwargs)
+            save("best")
+        save("last")
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """Write :attr:`history` to ``path`` with :func:`write_history_csv`."""
@@ -746,59 +751,27 @@ class Trainer:
     # ------------------------------------------------------------------ inference
 
     def _inference(self, loader: Iterable[BagBatch], with_loss: bool) -> tuple[Predictions, float]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        ids: list[str] = []
-        probs: list[Tensor] = []
-        labels: list[Tensor] = []
-        attention: list[Tensor] | None = []
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
-        try:
-            with torch.inference_mode():
-                for raw in loader:
-                    batch = self._to_device(raw)
-                    with self._autocast():
-                        output = model(batch)
-                        loss = (
-                            self.model.loss(output, batch, class_weights=self.class_weights)
-                            if with_loss
-                            else None
-                        )
-                    n = self._n_targets(batch)
-                    if loss is not None and n > 0:
-                        loss_sum += float(loss.float().item()) * n
-                        count += n
-                    ids.extend(batch.ids)
-                    probs.append(_probabilities(output.logits).cpu())
-                    labels.append(batch.labels.cpu())
-                    att = getattr(output, "attention", None)
-                    if att is None or attention is None:
-                        attention = None
-                    else:
-                        att = att.float().cpu()
-                        sizes = batch.bag_sizes.tolist()
-                        attention.extend(att[j, : sizes[j]].clone() for j in range(len(sizes)))
-        finally:
-            model.train(was_training)
-        local = Predictions(
-            ids,
-            torch.cat(probs) if probs else torch.zeros(0, 0),
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-            attention,
+        local, loss_sum, count = _run_inference(
+            self.model,
+            loader,
+            device=self.device,
+            precision=self.precision,
+            prepare=self._to_device,
+            loss_fn=self._loss if with_loss else None,
         )
         if self.distributed:
-            totals = all_reduce_sum(torch.stack([loss_sum, count]).to(self.device)).cpu()
-            loss_sum, count = totals[0], totals[1]
+            totals = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=self.device))
+            loss_sum, count = float(totals[0].item()), float(totals[1].item())
             local = _merge_predictions(all_gather_objects(local))
-        return local, (float(loss_sum / count) if count > 0 else math.nan)
+        return local, (loss_sum / count if count > 0 else math.nan)
 
     def predict(self, loader: Iterable[BagBatch]) -> Predictions:
         """Predict every bag of ``loader`` (in eval mode, under ``torch.inference_mode``).
 
-        Under ``torchrun`` the predictions of all ranks are gathered (on every
-        rank), and bags repeated by the ``DistributedSampler`` are dropped by id.
+        The loop is :func:`milcell.train.inference.predict`'s, on the trainer's
+        device and precision (and memory format). Under ``torchrun`` the
+        predictions of all ranks are gathered (on every rank), and bags
+        repeated by the ``DistributedSampler`` are dropped by id.
 
         Returns
         -------
@@ -830,6 +803,7 @@ class Trainer:
             out.update(n_samples=0.0, n_unlabelled=float(len(labels)))
             return out
         prob = preds.probabilities.numpy()
+        report: BinaryReport | MulticlassReport
         if prob.shape[1] == 2:
             report = binary_report(labels, prob[:, 1], threshold=self.threshold)
         else:
@@ -890,10 +864,4 @@ def write_history_csv(history: Sequence[Mapping[str, float]], path: str | os.Pat
     1,0.1,0.5,
     2,0.1,,0.75
     """
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(history)
+    write_dict_csv(history, path)

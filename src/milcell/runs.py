@@ -1,0 +1,1397 @@
+"""Saved runs: cross-validate a model, save its fold models, load them back and predict.
+
+A *run* is what ``milcell train`` produces, and what :func:`train_run` produces
+from Python: the fold models of a patient-level cross-validation, with
+everything needed to use them again — the options, the preprocessing (image
+size and the backbone's own mean, std and interpolation), each fold's clinical
+scaling, the class and clinical names, and the cross-validated metrics.
+:func:`load_run` reads it back as a :class:`SavedRun` whose
+:meth:`~SavedRun.predict` and :meth:`~SavedRun.evaluate` average the fold
+models (a soft or hard vote), each seeing the data through its own clinical
+scaling.
+
+On disk a run is a folder::
+
+    run/
+      run.json                   format, classes, clinical names, preprocessing, options, CV summary
+      models/fold_<r>_<k>/       one model per fold:
+        model.safetensors          weights (no pickle)
+        model.json                 create_mil_model arguments + the fold's clinical scaling
+      cv/                        cross_validate's working folders (checkpoints; a rerun resumes)
+      folds.csv, oof_predictions.csv, summary.txt, roc.png, training_curves.png
+
+Models are rebuilt with :meth:`milcell.nn.model.MILModel.from_config` and
+:func:`milcell.train.checkpoint.load_weights`, so loading a run never
+unpickles anything. ``run.json`` carries ``format_version``; a run written by
+a newer milcell is refused with a message saying so.
+
+:func:`fold_datasets` is the one place where the datasets of a fold are put
+together (subsets, transforms, clinical scaling, instance cap, image cache);
+the command line, the demo and the example scripts all call it.
+
+The user guide's page on runs trains, saves, loads and predicts with a tiny run.
+
+Examples
+--------
+>>> prep = Preprocessing.from_backbone("milcell_mini_resnet_k8", image_size=32)
+>>> prep.to_dict()
+{'image_size': 32, 'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225], 'interpolation': 'bilinear'}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from milcell._utils import atomic_path
+from milcell._validation import check_choice, check_int, check_real
+from milcell.data.bag import Bag
+from milcell.data.datasets import BagDataset, ImageCache, InstanceDataset
+from milcell.data.records import BagCohort, CellSet, ClinicalScaler
+from milcell.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from milcell.exceptions import CheckpointError, ConfigError, DataError
+
+__all__ = [
+    "RUN_FORMAT",
+    "RUN_FORMAT_VERSION",
+    "TABLE_METRICS",
+    "Preprocessing",
+    "RunEvaluation",
+    "RunPredictions",
+    "SavedRun",
+    "backbone_data_config",
+    "fit_clinical_scaler",
+    "fold_datasets",
+    "format_table",
+    "load_run",
+    "load_samples",
+    "model_arguments",
+    "run_figures",
+    "save_run",
+    "table_metrics",
+    "train_run",
+]
+
+logger = logging.getLogger("milcell")
+
+RUN_FORMAT = "milcell.run"
+"""The ``format`` field of ``run.json``."""
+RUN_FORMAT_VERSION = 1
+"""The newest ``format_version`` of ``run.json`` this milcell writes and reads."""
+
+#: Metrics of the binary tables, in order, with their column titles.
+TABLE_METRICS: dict[str, str] = {
+    "balanced_accuracy": "balanced acc.",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "auc": "AUC",
+}
+_MULTICLASS_METRICS: dict[str, str] = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced acc.",
+    "f1_macro": "macro F1",
+    "kappa": "kappa",
+}
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+_LAYOUTS = ("dlmi", "cnmc", "imagefolder")
+Samples = BagCohort | CellSet
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def backbone_data_config(name: str, **backbone_kwargs: Any) -> dict[str, Any]:
+    """The data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``) of a backbone.
+
+    It is what :func:`~milcell.nn.backbones.create_backbone` attaches to the
+    backbone (timm's ``resolve_model_data_config`` of the model and its
+    pretrained configuration), read without downloading weights or allocating
+    them (the model is built on the ``meta`` device).
+
+    Parameters
+    ----------
+    name : str
+        A backbone name, as for :func:`~milcell.nn.backbones.create_backbone`.
+    **backbone_kwargs
+        Passed to :func:`~milcell.nn.backbones.create_backbone` (``img_size=``, ...).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        An unknown backbone name.
+
+    Examples
+    --------
+    >>> backbone_data_config("vit_base_patch16_224")["mean"]      # timm's config of its weights
+    (0.5, 0.5, 0.5)
+    >>> backbone_data_config("milcell_mini_resnet_k8")["mean"]
+    (0.485, 0.456, 0.406)
+    """
+    from milcell.nn.backbones import create_backbone
+
+    kwargs = {k: v for k, v in backbone_kwargs.items() if k not in ("pretrained", "checkpoint_path")}
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(name, pretrained=False, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a model that cannot be built on the meta device: build it for real
+        logger.debug("backbone %s not buildable on the meta device (%s); building it on the CPU", name, exc)
+        backbone = create_backbone(name, pretrained=False, **kwargs)
+    return dict(backbone.data_config)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a model: square resize, normalisation, interpolation.
+
+    Parameters
+    ----------
+    image_size : int
+        Images are resized to ``image_size x image_size``.
+    mean, std : sequence of 3 float
+        Normalisation (the backbone's own, see :meth:`from_backbone`).
+    interpolation : {"nearest", "bilinear", "bicubic"}, default "bilinear"
+        Resize interpolation.
+
+    Examples
+    --------
+    >>> prep = Preprocessing.from_backbone("vit_base_patch16_224", image_size=32)
+    >>> prep.mean, prep.interpolation
+    ((0.5, 0.5, 0.5), 'bicubic')
+    >>> from PIL import Image
+    >>> prep.transform(train=False)(Image.new("RGB", (40, 50))).shape
+    torch.Size([3, 32, 32])
+    >>> Preprocessing.from_dict(prep.to_dict()) == prep
+    True
+    """
+
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        from milcell.data.transforms import resolve_data_config
+
+        object.__setattr__(self, "image_size", check_int(self.image_size, "image_size", low=1))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        check_choice(self.interpolation, "interpolation", _INTERPOLATIONS)
+        resolve_data_config(self.data_config())  # validates mean and std
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str, image_size: int | None = None, **backbone_kwargs: Any
+    ) -> Preprocessing:
+        """The backbone's own normalisation and interpolation (:func:`backbone_data_config`).
+
+        Parameters
+        ----------
+        backbone : str
+            Backbone name.
+        image_size : int or None, default None
+            Side of the resized images; ``None`` takes the backbone's input size.
+        **backbone_kwargs
+            Passed to :func:`backbone_data_config`.
+        """
+        return cls.from_data_config(backbone_data_config(backbone, **backbone_kwargs), image_size)
+
+    @classmethod
+    def from_data_config(cls, data_config: Mapping[str, Any], image_size: int | None = None) -> Preprocessing:
+        """Read a timm data config (``mean``, ``std``, ``interpolation``, ``input_size``).
+
+        An interpolation other than nearest, bilinear or bicubic becomes bilinear;
+        ``image_size=None`` takes the config's input size.
+
+        Examples
+        --------
+        >>> Preprocessing.from_data_config({"input_size": (3, 224, 224), "mean": (0.5,) * 3,
+        ...                                 "std": (0.5,) * 3, "interpolation": "bicubic"}).image_size
+        224
+        """
+        interpolation = data_config.get("interpolation") or "bilinear"
+        if interpolation not in _INTERPOLATIONS:
+            interpolation = "bilinear"
+        size = int(data_config["input_size"][-1]) if image_size is None else image_size
+        return cls(size, tuple(data_config["mean"]), tuple(data_config["std"]), interpolation)
+
+    def data_config(self) -> dict[str, Any]:
+        """A data config for :func:`~milcell.data.transforms.build_transforms`."""
+        return {
+            "input_size": (len(self.mean), self.image_size, self.image_size),
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+        }
+
+    def transform(self, train: bool, *, rotation: float = 180.0) -> Callable[[Any], Tensor]:
+        """``PIL.Image -> Tensor (C, image_size, image_size)``; ``train`` adds flips and rotations.
+
+        Parameters
+        ----------
+        train : bool
+            Add random horizontal and vertical flips and a rotation up to ``rotation`` degrees.
+        rotation : float, default 180.0
+            Largest rotation of the training augmentation, in degrees.
+        """
+        from milcell.data.transforms import build_transforms
+
+        return build_transforms(self.data_config(), train=train, rotation=rotation)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (the keys ``run.json`` uses)."""
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """Read :meth:`to_dict`'s keys (``interpolation`` defaults to ``"bilinear"``)."""
+        return cls(
+            int(values["image_size"]),
+            tuple(values["mean"]),
+            tuple(values["std"]),
+            str(values.get("interpolation") or "bilinear"),
+        )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_samples(
+    data_format: str,
+    data_dir: str | os.PathLike[str],
+    split: str = "train",
+    class_names: Sequence[str] | None = None,
+) -> BagCohort | CellSet:
+    """Read ``data_dir`` in layout ``data_format``: a :class:`BagCohort` (dlmi) or a :class:`CellSet`.
+
+    Parameters
+    ----------
+    data_format : {"dlmi", "cnmc", "imagefolder"}
+        The on-disk layout (:mod:`milcell.data.formats`).
+    data_dir : path-like
+        The dataset folder.
+    split : {"train", "test", "all"}, default "train"
+        For ``dlmi``, ``trainset/`` / ``testset/``; for ``imagefolder`` a
+        ``train/`` or ``val/``/``test/`` subfolder when one exists (else
+        ``data_dir`` itself); ``cnmc`` reads the training folds plus the
+        labelled prelim set whatever the split.
+    class_names : sequence of str, optional
+        For ``imagefolder``: the classes, in order (a run's classes).
+
+    Returns
+    -------
+    BagCohort or CellSet
+
+    Raises
+    ------
+    FileNotFoundError
+        ``data_dir`` does not exist.
+    ConfigError
+        ``data_dir`` is not a folder, or an unknown layout.
+    DataError
+        The folder is not in that layout; the message names what is missing.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from milcell.data.synthetic import make_cohort
+    >>> root = make_cohort(tempfile.mkdtemp(), n_patients=4, seed=0, image_size=16, bag_size=(1, 2))
+    >>> cohort = load_samples("dlmi", root, "train")
+    >>> type(cohort).__name__, cohort.clinical_names
+    ('BagCohort', ('age', 'lymph_count', 'sex'))
+    """
+    root = Path(data_dir)
+    check_choice(data_format, "data_format", _LAYOUTS)
+    check_choice(split, "split", ("train", "test", "all"))
+    if not root.exists():
+        raise FileNotFoundError(f"data directory '{root}' does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"--data-dir '{root}' is not a folder")
+    if data_format == "dlmi":
+        from milcell.data.formats.dlmi import load_dlmi
+
+        return load_dlmi(root, split=split)  # type: ignore[arg-type]
+    if data_format == "cnmc":
+        from milcell.data.formats.cnmc import load_cnmc
+
+        prelim = any((root / d).is_dir() for d in ("validation_data", "C-NMC_test_prelim_phase_data"))
+        return load_cnmc(root, include_prelim=prelim)
+    from milcell.data.formats.imagefolder import load_imagefolder
+
+    names = {"train": ("train",), "test": ("val", "test"), "all": ()}[split]
+    folder = next((root / n for n in names if (root / n).is_dir()), root)
+    return load_imagefolder(folder, class_names=class_names)
+
+
+def _check_samples(samples: Any) -> None:
+    if not isinstance(samples, (BagCohort, CellSet)):
+        raise ConfigError(f"samples must be a BagCohort or a CellSet, got {type(samples).__name__}")
+
+
+def _labels_and_groups(samples: Samples) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(samples, CellSet):
+        return samples.labels, samples.groups
+    return samples.labels, None
+
+
+def fit_clinical_scaler(
+    samples: BagCohort | CellSet, indices: Iterable[int] | np.ndarray, method: str = "minmax"
+) -> ClinicalScaler | None:
+    """The clinical scaling fitted on the rows ``indices`` only (None without clinical attributes).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> from milcell.data import BagRecord
+    >>> cohort = BagCohort([BagRecord(f"P{i}", i % 2, (Path("x.png"),), (float(i),)) for i in range(4)],
+    ...                    clinical_names=("age",))
+    >>> fit_clinical_scaler(cohort, [0, 1]).transform(np.array([[1.0], [3.0]])).ravel().tolist()
+    [1.0, 3.0]
+    """
+    _check_samples(samples)
+    if not isinstance(samples, BagCohort) or not samples.clinical_names:
+        return None
+    check_choice(method, "clinical scaling method", ("minmax", "standard"))
+    return samples.fit_scaler(np.asarray(list(indices), dtype=np.int64), method=method)  # type: ignore[arg-type]
+
+
+def _cache(cache_images: bool | ImageCache) -> ImageCache | None:
+    if isinstance(cache_images, ImageCache):
+        return cache_images
+    return ImageCache() if cache_images else None
+
+
+def _dataset(
+    samples: Samples,
+    indices: Iterable[int] | np.ndarray | None,
+    preprocessing: Preprocessing,
+    *,
+    train: bool,
+    augment: bool,
+    rotation: float,
+    max_instances: int | None,
+    seed: int,
+    scaler: ClinicalScaler | None,
+    cache: ImageCache | None,
+) -> Dataset[Bag]:
+    subset: Samples = (
+        samples if indices is None else samples.subset(np.asarray(list(indices), dtype=np.int64))
+    )
+    transform = preprocessing.transform(train=train and augment, rotation=rotation)
+    cache_arg: bool | ImageCache = cache if cache is not None else False
+    if isinstance(subset, BagCohort):
+        return BagDataset(
+            subset,
+            transform=transform,
+            max_instances=max_instances,
+            train=train,
+            seed=seed,
+            clinical_scaler=scaler,
+            cache_images=cache_arg,
+        )
+    return InstanceDataset(subset, transform, cache_images=cache_arg)
+
+
+def fold_datasets(
+    samples: BagCohort | CellSet,
+    train_idx: Iterable[int] | np.ndarray,
+    val_idx: Iterable[int] | np.ndarray,
+    *,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+    augment: bool = True,
+    rotation: float = 180.0,
+    max_instances: int | None = None,
+    cache_images: bool | ImageCache = False,
+    seed: int = 0,
+    clinical_scaling: str = "minmax",
+) -> tuple[Dataset[Bag], Dataset[Bag], ClinicalScaler | None]:
+    """The training and validation datasets of one fold, and the fold's clinical scaling.
+
+    Bags (a :class:`BagCohort`) give :class:`~milcell.data.datasets.BagDataset`
+    items ``(N_i, C, image_size, image_size)``; single cells (a
+    :class:`CellSet`) give :class:`~milcell.data.datasets.InstanceDataset`
+    bags of one. The clinical scaling is fitted on ``train_idx`` only and
+    applied to both. The training dataset draws random ``max_instances``
+    subsets (``train=True``: seeded by ``(seed, epoch, index)``, driven by
+    ``set_epoch``, independent of DataLoader workers) and, with ``augment``,
+    random flips and rotations up to ``rotation`` degrees; the validation
+    dataset is deterministic. The image cache changes none of this.
+
+    Parameters
+    ----------
+    samples : BagCohort or CellSet
+        All samples; the indices refer to it.
+    train_idx, val_idx : sequence of int
+        The fold's training and validation rows (e.g. a :class:`~milcell.data.splits.Fold`'s
+        ``train`` and ``val``); the validation dataset keeps ``val_idx``'s order.
+    image_size : int
+        Side of the resized images.
+    mean, std : sequence of float, default ImageNet statistics
+        Normalisation; use the backbone's (:class:`Preprocessing.from_backbone`).
+    interpolation : {"nearest", "bilinear", "bicubic"}, default "bilinear"
+        Resize interpolation.
+    augment : bool, default True
+        Random flips and rotations of the training images.
+    rotation : float, default 180.0
+        Largest rotation of the augmentation, in degrees (``0``: flips only).
+    max_instances : int or None, default None
+        Cap on the instances per bag.
+    cache_images : bool or ImageCache, default False
+        Decode each image once and keep it in memory (before any transform);
+        pass one :class:`~milcell.data.datasets.ImageCache` to every fold so
+        the images are decoded once in all.
+    seed : int, default 0
+        Seed of the random instance subsets.
+    clinical_scaling : {"minmax", "standard"}, default "minmax"
+        Method of the fold's :class:`~milcell.data.ClinicalScaler`.
+
+    Returns
+    -------
+    train_ds, val_ds : Dataset of Bag
+    scaler : ClinicalScaler or None
+        None for samples without clinical attributes.
+
+    Raises
+    ------
+    ConfigError
+        An invalid argument; the message names it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from milcell.data.formats.dlmi import load_dlmi
+    >>> from milcell.data.synthetic import make_cohort
+    >>> cohort = load_dlmi(make_cohort(tempfile.mkdtemp(), n_patients=6, seed=0, image_size=16,
+    ...                                bag_size=(3, 5)), "train")
+    >>> train_ds, val_ds, scaler = fold_datasets(cohort, [0, 1, 2], [3], image_size=32,
+    ...                                          max_instances=2, cache_images=True)
+    >>> len(train_ds), val_ds[0].instances.shape, scaler.names
+    (3, torch.Size([2, 3, 32, 32]), ('age', 'lymph_count', 'sex'))
+    """
+    _check_samples(samples)
+    preprocessing = Preprocessing(image_size, tuple(mean), tuple(std), interpolation)
+    rotation = check_real(rotation, "rotation", low=0.0)
+    if max_instances is not None:
+        max_instances = check_int(max_instances, "max_instances", low=1)
+    seed = check_int(seed, "seed", low=0)
+    if not isinstance(cache_images, (bool, np.bool_, ImageCache)):
+        raise ConfigError(f"cache_images must be a bool or an ImageCache, got {type(cache_images).__name__}")
+    cache = _cache(cache_images)
+    train_rows = np.asarray(list(train_idx), dtype=np.int64)
+    scaler = fit_clinical_scaler(samples, train_rows, clinical_scaling)
+    common: dict[str, Any] = {
+        "augment": bool(augment),
+        "rotation": rotation,
+        "max_instances": max_instances,
+        "seed": seed,
+        "scaler": scaler,
+        "cache": cache,
+    }
+    train_ds = _dataset(samples, train_rows, preprocessing, train=True, **common)
+    val_ds = _dataset(samples, val_idx, preprocessing, train=False, **common)
+    return train_ds, val_ds, scaler
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _trainable(value: Any) -> str | int:
+    text = str(value)
+    return int(text) if text.isdigit() else text
+
+
+def _prediction_level(pooling: str) -> bool:
+    """Whether the pooling registered as ``pooling`` outputs the class scores itself."""
+    from milcell.nn.pooling import create_pooling
+
+    return bool(getattr(create_pooling(pooling, 8), "prediction_level", False))
+
+
+def model_arguments(
+    num_classes: int,
+    clinical_names: Sequence[str],
+    *,
+    backbone: str = "milcell_mini_resnet_k8",
+    pooling: str = "gated_attention",
+    fusion: str | None = None,
+    inputs: str = "both",
+    pretrained: bool = False,
+    trainable: str | int = "all",
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """``create_mil_model`` arguments for a model reading images, clinical attributes or both.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes.
+    clinical_names : sequence of str
+        The samples' clinical attributes (empty for single cells).
+    backbone, pooling : str
+        Names for :func:`~milcell.nn.model.create_mil_model`.
+    fusion : str or None, default None
+        Fusion head; ``None`` picks ``concat`` when clinical attributes are
+        used, else ``linear``. A prediction-level pooling (``prediction_level``
+        is True, e.g. ``instance_mean``) takes none.
+    inputs : {"both", "image", "clinical"}, default "both"
+        What the model reads (``both`` falls back to the image without clinical attributes).
+    pretrained, trainable, chunk_size
+        Passed on (``trainable`` may be a digit string, as typed on the command line).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        ``inputs="clinical"`` without clinical attributes, or the image-only
+        ``linear`` fusion given with clinical attributes.
+
+    Examples
+    --------
+    >>> args = model_arguments(2, ["age", "sex"], pooling="mean")
+    >>> args["fusion"], args["clinical_dim"], args["use_image"]
+    ('concat', 2, True)
+    >>> model_arguments(2, ["age"], pooling="instance_mean")["fusion"] is None
+    True
+    """
+    check_choice(inputs, "inputs", ("both", "image", "clinical"))
+    width = len(clinical_names)
+    if inputs == "clinical":
+        if width == 0:
+            raise ConfigError("inputs='clinical' needs samples with clinical attributes")
+        clinical_dim, use_image = width, False
+        fusion = fusion or "concat"
+    elif inputs == "image" or width == 0:
+        clinical_dim, use_image = 0, True
+        fusion = fusion or "linear"
+    else:
+        clinical_dim, use_image = width, True
+        fusion = fusion or "concat"
+    if use_image and clinical_dim and fusion == "linear":
+        raise ConfigError(
+            "fusion 'linear' uses the image only; choose concat, moe or gated to use the clinical "
+            "attributes, or inputs='image'"
+        )
+    return {
+        "backbone": backbone,
+        "pooling": pooling,
+        "fusion": None if _prediction_level(pooling) else fusion,
+        "num_classes": int(num_classes),
+        "clinical_dim": clinical_dim,
+        "pretrained": bool(pretrained),
+        "trainable": _trainable(trainable),
+        "chunk_size": chunk_size,
+        "use_image": use_image,
+    }
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table_metrics(num_classes: int) -> dict[str, str]:
+    """The metrics (and column titles) of the tables: binary or multiclass."""
+    return TABLE_METRICS if num_classes == 2 else _MULTICLASS_METRICS
+
+
+def format_table(rows: Mapping[str, Mapping[str, tuple[float, float]]], metrics: Mapping[str, str]) -> str:
+    """An aligned text table: one row per model, one ``mean ± std`` column per metric.
+
+    Examples
+    --------
+    >>> print(format_table({"model": {"auc": (0.9, 0.05)}}, {"auc": "AUC"}))
+    model  AUC
+    -----  -----------
+    model  0.90 ± 0.05
+    """
+    from milcell.metrics import format_mean_std
+
+    header = ["model", *metrics.values()]
+    body = [
+        [name, *(format_mean_std(*summary.get(key, (math.nan, math.nan))) for key in metrics)]
+        for name, summary in rows.items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunPredictions:
+    """What :meth:`SavedRun.predict` returns.
+
+    Attributes
+    ----------
+    ids : list of str
+        ``n`` sample identifiers, in the data's order.
+    probabilities : ndarray
+        ``(n, C)`` float32 vote of the fold models (see ``method``).
+    labels : ndarray
+        ``(n,)`` int64 labels (``-1`` = unlabelled).
+    fold_probabilities : list of ndarray
+        ``(n, C)`` probabilities of each fold model.
+    class_names : list of str
+    method : str
+        ``"soft"`` (mean probability) or ``"hard"`` (majority vote).
+    """
+
+    ids: list[str]
+    probabilities: np.ndarray
+    labels: np.ndarray
+    fold_probabilities: list[np.ndarray]
+    class_names: list[str]
+    method: str = "soft"
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """``(n,)`` int64 most probable class."""
+        return self.probabilities.argmax(axis=1).astype(np.int64)
+
+
+@dataclass
+class RunEvaluation:
+    """What :meth:`SavedRun.evaluate` returns: metrics of the vote and of each fold model."""
+
+    ensemble: dict[str, float]
+    fold_models: list[dict[str, float]]
+    method: str
+    num_classes: int
+
+    def table(self) -> str:
+        """The vote's row and the fold models' ``mean ± std`` row."""
+        from milcell.metrics import summarize_folds
+
+        rows = {
+            f"{self.method} vote of {len(self.fold_models)} models": {
+                k: (v, math.nan) for k, v in self.ensemble.items()
+            },
+            "fold models (mean ± std)": summarize_folds(self.fold_models),
+        }
+        return format_table(rows, table_metrics(self.num_classes))
+
+
+@dataclass
+class SavedRun:
+    """A cross-validated run: its record, fold models and their clinical scalings.
+
+    Built by :func:`train_run` (then ``cv`` holds the cross-validation's
+    out-of-fold predictions and training histories) or by :func:`load_run`.
+
+    Attributes
+    ----------
+    record : dict
+        The content of ``run.json``.
+    models : list of nn.Module
+        One model per fold, in eval mode, on the CPU.
+    scalers : list of ClinicalScaler or None
+        Each fold model's clinical scaling.
+    path : Path or None
+        The run folder (None until saved).
+    cv : CVResult or None
+        The cross-validation result, right after training.
+    """
+
+    record: dict[str, Any]
+    models: list[nn.Module]
+    scalers: list[ClinicalScaler | None]
+    path: Path | None = None
+    cv: Any | None = field(default=None, repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names, in label order."""
+        return list(self.record["class_names"])
+
+    @property
+    def clinical_names(self) -> list[str]:
+        """The clinical attributes the models were trained on (empty for single cells)."""
+        return list(self.record.get("clinical_names") or [])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """Image size, mean, std and interpolation the models were trained with."""
+        return Preprocessing.from_dict(self.record)
+
+    @property
+    def max_instances(self) -> int | None:
+        """The cap on instances per bag (evaluation: evenly spaced subsets)."""
+        value = self.record.get("max_instances")
+        return None if value is None else int(value)
+
+    @property
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """Cross-validated ``metric -> (mean, std)`` over the folds."""
+        return {k: (float(v[0]), float(v[1])) for k, v in (self.record.get("summary") or {}).items()}
+
+    def table(self, name: str | None = None) -> str:
+        """The cross-validation table (one row named ``name``, default the pooling)."""
+        row = name or str((self.record.get("config") or {}).get("pooling", "model"))
+        return format_table({row: self.summary}, table_metrics(len(self.class_names)))
+
+    def dataset(
+        self, samples: BagCohort | CellSet, model_index: int = 0, *, cache_images: bool | ImageCache = False
+    ) -> Dataset[Bag]:
+        """``samples`` as fold model ``model_index`` sees them: evaluation transform, its clinical scaling.
+
+        Raises
+        ------
+        DataError
+            Samples whose clinical attributes differ from the run's.
+        """
+        _check_samples(samples)
+        check_int(model_index, "model_index", low=0, high=len(self.models) - 1)
+        scaler = self.scalers[model_index]
+        if (
+            isinstance(samples, BagCohort)
+            and scaler is not None
+            and list(samples.clinical_names) != list(scaler.names)
+        ):
+            raise DataError(
+                f"the samples' clinical attributes {list(samples.clinical_names)} are not the run's "
+                f"{list(scaler.names)}"
+            )
+        return _dataset(
+            samples,
+            None,
+            self.preprocessing,
+            train=False,
+            augment=False,
+            rotation=0.0,
+            max_instances=self.max_instances,
+            seed=0,
+            scaler=scaler,
+            cache=_cache(cache_images),
+        )
+
+    def predict(
+        self,
+        data: BagCohort | CellSet | Dataset[Bag] | Iterable[Any],
+        *,
+        method: str = "soft",
+        batch_size: int = 4,
+        device: str | torch.device | None = None,
+        precision: str = "32",
+        num_workers: int = 0,
+        progress: bool = False,
+        cache_images: bool = True,
+    ) -> RunPredictions:
+        """Predict with every fold model and vote.
+
+        Parameters
+        ----------
+        data : BagCohort, CellSet, Dataset or loader
+            Samples (each fold model then sees them through its own clinical
+            scaling and the run's preprocessing), or a dataset / a loader of
+            :class:`~milcell.data.BagBatch` prepared by the caller — only for
+            runs without clinical scaling.
+        method : {"soft", "hard"}, default "soft"
+            Mean probability, or majority vote (:func:`~milcell.train.ensemble.vote`).
+        batch_size : int, default 4
+            Bags per batch.
+        device : str or torch.device, optional
+            Default: CUDA when available, else the CPU.
+        precision : {"32", "bf16", "fp16"}, default "32"
+            Autocast precision.
+        num_workers : int, default 0
+            DataLoader workers.
+        progress : bool, default False
+            Progress bars.
+        cache_images : bool, default True
+            Decode each image once for all fold models.
+
+        Returns
+        -------
+        RunPredictions
+
+        Raises
+        ------
+        ConfigError
+            A dataset or loader given for a run with per-fold clinical scaling,
+            or an invalid argument.
+        DataError
+            Fold models that saw different bags.
+        """
+        from milcell.train.distributed import make_loader
+        from milcell.train.ensemble import vote
+        from milcell.train.inference import predict
+
+        check_choice(method, "method", ("soft", "hard"))
+        batch_size = check_int(batch_size, "batch_size", low=1)
+        num_workers = check_int(num_workers, "num_workers", low=0)
+        target = _device(device)
+        samples = isinstance(data, (BagCohort, CellSet))
+        if not samples and any(s is not None for s in self.scalers):
+            raise ConfigError(
+                "this run scales the clinical attributes per fold model: pass the samples (a BagCohort), "
+                "not a dataset or loader, so each model gets its own scaling"
+            )
+        cache = ImageCache() if samples and cache_images and len(self.models) > 1 else None
+        ids: list[str] | None = None
+        labels: np.ndarray | None = None
+        per_model: list[np.ndarray] = []
+        for i, model in enumerate(self.models):
+            if samples:
+                ds = self.dataset(data, i, cache_images=cache if cache is not None else False)  # type: ignore[arg-type]
+                loader: Iterable[Any] = make_loader(
+                    ds, batch_size, shuffle=False, distributed=False, num_workers=num_workers
+                )
+            elif isinstance(data, Dataset):
+                loader = make_loader(
+                    data, batch_size, shuffle=False, distributed=False, num_workers=num_workers
+                )
+            else:
+                loader = data
+            preds = predict(
+                model,
+                loader,
+                device=target,
+                precision=precision,
+                progress=progress,
+                desc=f"fold model {i + 1}/{len(self.models)}",
+            )
+            if ids is None:
+                ids, labels = list(preds.ids), preds.labels.numpy().astype(np.int64)
+            elif list(preds.ids) != ids:
+                raise DataError(
+                    f"fold model {i} saw bags {list(preds.ids)[:3]}... but model 0 saw {ids[:3]}...; "
+                    "the data must give the same bags in the same order every pass"
+                )
+            per_model.append(preds.probabilities.numpy())
+        assert ids is not None and labels is not None
+        scores = vote([torch.from_numpy(p) for p in per_model], method=method).numpy()
+        return RunPredictions(ids, scores, labels, per_model, self.class_names, method)
+
+    def evaluate(
+        self, data: BagCohort | CellSet | Dataset[Bag] | Iterable[Any], **kwargs: Any
+    ) -> RunEvaluation:
+        """Metrics of the vote and of each fold model on labelled data.
+
+        Binary problems get :func:`~milcell.metrics.binary_report`, others
+        :func:`~milcell.metrics.multiclass_report`.
+
+        Parameters
+        ----------
+        data
+            As for :meth:`predict`.
+        **kwargs
+            Passed to :meth:`predict` (``method``, ``device``, ...).
+
+        Returns
+        -------
+        RunEvaluation
+
+        Raises
+        ------
+        DataError
+            No labelled sample.
+        """
+        from milcell.metrics import binary_report, multiclass_report
+
+        preds = self.predict(data, **kwargs)
+        if (preds.labels >= 0).sum() == 0:
+            raise DataError("no labelled sample in the data; evaluate needs labels")
+        names = self.class_names
+        binary = len(names) == 2
+
+        def report(prob: np.ndarray) -> dict[str, float]:
+            if binary:
+                return binary_report(preds.labels, prob[:, 1]).as_dict()
+            return multiclass_report(preds.labels, prob, class_names=names).as_dict()
+
+        return RunEvaluation(
+            report(preds.probabilities),
+            [report(p) for p in preds.fold_probabilities],
+            preds.method,
+            len(names),
+        )
+
+
+def train_run(
+    samples: BagCohort | CellSet,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    backbone: str = "milcell_mini_resnet_k8",
+    pooling: str = "gated_attention",
+    fusion: str | None = None,
+    inputs: str = "both",
+    pretrained: bool = False,
+    trainable: str | int = "all",
+    chunk_size: int | None = None,
+    folds: int = 5,
+    repeats: int = 1,
+    epochs: int = 20,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+    image_size: int = 64,
+    augment: bool = True,
+    max_instances: int | None = None,
+    cache_images: bool | ImageCache = False,
+    precision: str = "32",
+    device: str | torch.device | None = None,
+    sampler: str | None = None,
+    monitor: str | None = "val_loss",
+    patience: int | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    figures: bool = True,
+    data_format: str | None = None,
+) -> SavedRun:
+    """Cross-validate (patient level) one model on ``samples``; save the run to ``output_dir``.
+
+    What ``milcell train`` does. Each fold's datasets come from
+    :func:`fold_datasets` with the backbone's own preprocessing
+    (:meth:`Preprocessing.from_backbone`); models from
+    :func:`model_arguments`; training from
+    :func:`~milcell.train.crossval.cross_validate` (checkpoints in
+    ``output_dir/cv``, so an interrupted run resumes). Unlabelled bags are
+    left out.
+
+    Parameters
+    ----------
+    samples : BagCohort or CellSet
+        The training data (cells are grouped by patient in the folds).
+    output_dir : path-like or None, default None
+        The run folder (see :func:`save_run`); None keeps the run in memory.
+    backbone, pooling, fusion, inputs, pretrained, trainable, chunk_size
+        The model (:func:`model_arguments`).
+    folds, repeats : int
+        ``folds >= 2`` patient-level folds, repeated ``repeats`` times.
+    epochs, batch_size, lr, seed, precision, sampler, monitor, patience, num_workers
+        Training options (:class:`~milcell.train.trainer.Trainer`,
+        :func:`~milcell.train.crossval.cross_validate`).
+    image_size, augment, max_instances, cache_images
+        Data options (:func:`fold_datasets`); with ``cache_images`` every
+        image is decoded once for all folds.
+    device : str or torch.device, optional
+        Default: CUDA when available, else the CPU.
+    progress : bool, default False
+        Progress bars.
+    figures : bool, default True
+        Write ``roc.png`` and ``training_curves.png`` (needs matplotlib).
+    data_format : str, optional
+        The layout name recorded for ``milcell evaluate`` / ``predict``.
+
+    Returns
+    -------
+    SavedRun
+        With ``cv`` set.
+
+    Raises
+    ------
+    ConfigError
+        An invalid option; the message names it.
+    """
+    import milcell
+    from milcell.data.splits import patient_kfold
+    from milcell.nn.model import create_mil_model
+    from milcell.train.crossval import cross_validate
+
+    _check_samples(samples)
+    start = time.perf_counter()
+    folds = check_int(folds, "folds", low=2)
+    repeats = check_int(repeats, "repeats", low=1)
+    seed = check_int(seed, "seed", low=0)
+    if sampler is not None:
+        check_choice(sampler, "sampler", ("balanced", "oversample"))
+    if isinstance(samples, BagCohort):
+        samples = samples.labelled()
+    class_names = list(samples.class_names)
+    clinical_names = list(getattr(samples, "clinical_names", ()))
+    model_args = model_arguments(
+        len(class_names),
+        clinical_names,
+        backbone=backbone,
+        pooling=pooling,
+        fusion=fusion,
+        inputs=inputs,
+        pretrained=pretrained,
+        trainable=trainable,
+        chunk_size=chunk_size,
+    )
+    backbone_config = backbone_data_config(backbone)
+    prep = Preprocessing.from_backbone(backbone, image_size)
+    cache = _cache(cache_images)
+    if cache is not None:
+        _dataset(
+            samples,
+            None,
+            prep,
+            train=False,
+            augment=False,
+            rotation=0.0,
+            max_instances=None,
+            seed=0,
+            scaler=None,
+            cache=cache,
+        ).preload(  # type: ignore[attr-defined]
+            progress
+        )
+    labels, groups = _labels_and_groups(samples)
+    splits = patient_kfold(labels, groups, n_splits=folds, n_repeats=repeats, seed=seed)
+    keys = [(int(f.repeat), int(f.fold)) for f in splits]
+    scalers = [fit_clinical_scaler(samples, f.train) for f in splits]
+    data_options: dict[str, Any] = {
+        "image_size": prep.image_size,
+        "mean": prep.mean,
+        "std": prep.std,
+        "interpolation": prep.interpolation,
+        "augment": augment,
+        "max_instances": max_instances,
+        "cache_images": cache if cache is not None else False,
+        "seed": seed,
+    }
+
+    def make_datasets(fold: Any) -> tuple[Dataset[Bag], Dataset[Bag]]:
+        train_ds, val_ds, _ = fold_datasets(samples, fold.train, fold.val, **data_options)
+        return train_ds, val_ds
+
+    trainer_kwargs: dict[str, Any] = {
+        "max_epochs": check_int(epochs, "epochs", low=1),
+        "lr": lr,
+        "precision": precision,
+        "progress": progress,
+        "device": _device(device),
+        "seed": seed,
+        "class_names": class_names,
+    }
+    if monitor:
+        trainer_kwargs["monitor"] = monitor
+    if patience:
+        trainer_kwargs["patience"] = patience
+    logger.info("cross-validating %s: %d folds", model_args["pooling"], len(splits))
+    result = cross_validate(
+        lambda: create_mil_model(**model_args),
+        make_datasets,
+        labels,
+        groups,
+        n_splits=folds,
+        n_repeats=repeats,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        sampler=sampler,
+        trainer_kwargs=trainer_kwargs,
+        output_dir=None if output_dir is None else Path(output_dir) / "cv",
+        keep_models=True,
+    )
+    models = list(result.models)
+    if len(models) != len(keys):
+        raise CheckpointError(
+            f"cross-validation returned {len(models)} models for {len(keys)} folds; cannot save the run"
+        )
+    for model in models:
+        model.eval()
+    config = {
+        "backbone": backbone,
+        "pooling": pooling,
+        "fusion": fusion,
+        "inputs": inputs,
+        "pretrained": bool(pretrained),
+        "trainable": trainable,
+        "chunk_size": chunk_size,
+        "folds": folds,
+        "repeats": repeats,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "image_size": prep.image_size,
+        "augment": bool(augment),
+        "max_instances": max_instances,
+        "cache_images": cache is not None,
+        "precision": str(precision),
+        "sampler": sampler,
+        "monitor": monitor,
+        "patience": patience,
+        "num_workers": num_workers,
+    }
+    record = {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "milcell_version": milcell.__version__,
+        "data_format": data_format,
+        "class_names": class_names,
+        "clinical_names": clinical_names,
+        **prep.to_dict(),
+        "backbone_data_config": _jsonable(backbone_config),
+        "max_instances": max_instances,
+        "config": _jsonable(config),
+        "summary": {k: list(v) for k, v in result.summary.items()},
+        "models": [{"repeat": r, "fold": k} for r, k in keys],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    run = SavedRun(record, models, scalers, None, result)
+    if output_dir is not None:
+        save_run(run, output_dir, figures=figures)
+    return run
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
+    """Write ``run`` to the folder ``path`` (see the module docstring); set ``run.path``.
+
+    Every file is written atomically; ``run.json`` last.
+
+    Parameters
+    ----------
+    run : SavedRun
+    path : path-like
+        The run folder, created if needed.
+    figures : bool, default True
+        Write the ROC curves and training curves (skipped with a warning
+        without matplotlib, or when the run holds no cross-validation result).
+
+    Returns
+    -------
+    Path
+    """
+    import safetensors.torch
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    keys = [(int(e["repeat"]), int(e["fold"])) for e in run.record["models"]]
+    for (repeat, fold), scaler, model in zip(keys, run.scalers, run.models, strict=True):
+        rel = Path("models") / f"fold_{repeat}_{fold}"
+        folder = out / rel
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "model.safetensors") as tmp:
+            safetensors.torch.save_model(model.cpu(), str(tmp), force_contiguous=True)
+        meta = {
+            "model_config": getattr(model, "config", None),
+            "clinical_scaler": None if scaler is None else scaler.to_dict(),
+            "repeat": repeat,
+            "fold": fold,
+        }
+        with atomic_path(folder / "model.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        entries.append({"path": rel.as_posix(), "repeat": repeat, "fold": fold})
+    run.record["models"] = entries
+    if run.cv is not None:
+        _write_oof(run, out / "oof_predictions.csv")
+        _write_folds(run, out / "folds.csv")
+    with atomic_path(out / "summary.txt") as tmp:
+        tmp.write_text(run.table() + "\n", encoding="utf-8")
+    if figures and run.cv is not None:
+        try:
+            run_figures({str((run.record.get("config") or {}).get("pooling", "model")): run}, out)
+        except ImportError as exc:  # matplotlib missing
+            logger.warning("figures skipped: %s", exc)
+    with atomic_path(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(run.record, indent=2) + "\n", encoding="utf-8")
+    run.path = out
+    logger.info("saved run to %s", out)
+    return out
+
+
+def _write_oof(run: SavedRun, path: Path) -> None:
+    oof = run.cv.oof  # type: ignore[union-attr]
+    prob = np.asarray(oof.probabilities, dtype=np.float64)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "repeat", "fold", *(f"prob_{c}" for c in run.class_names)])
+        for i, sample_id in enumerate(oof.ids):
+            writer.writerow(
+                [
+                    sample_id,
+                    int(oof.labels[i]),
+                    int(oof.repeat[i]),
+                    int(oof.fold[i]),
+                    *(f"{p:.6f}" for p in prob[i]),
+                ]
+            )
+
+
+def _write_folds(run: SavedRun, path: Path) -> None:
+    rows = [dict(r) for r in run.cv.folds]  # type: ignore[union-attr]
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _roc_pairs(run: SavedRun) -> list[tuple[np.ndarray, np.ndarray]]:
+    oof = run.cv.oof  # type: ignore[union-attr]
+    labels = np.asarray(oof.labels)
+    prob = np.asarray(oof.probabilities)[:, 1]
+    repeat, fold = np.asarray(oof.repeat), np.asarray(oof.fold)
+    keys = sorted({(int(r), int(f)) for r, f in zip(repeat, fold, strict=True)})
+    return [(labels[(repeat == r) & (fold == f)], prob[(repeat == r) & (fold == f)]) for r, f in keys]
+
+
+def run_figures(runs: Mapping[str, SavedRun], folder: str | os.PathLike[str]) -> list[Path]:
+    """``roc.png`` (binary problems: out-of-fold ROC of each run) and ``training_curves.png``.
+
+    The training curves are those of the first run's first fold. Runs
+    without a cross-validation result (loaded ones) are skipped.
+
+    Parameters
+    ----------
+    runs : mapping of str to SavedRun
+        Runs by the name shown in the legend.
+    folder : path-like
+        Where the PNG files go.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    ImportError
+        matplotlib is missing.
+    """
+    from milcell.viz import plot_roc_comparison, plot_training_curves, save_figure
+
+    out = Path(folder)
+    trained = {name: run for name, run in runs.items() if run.cv is not None}
+    written: list[Path] = []
+    if not trained:
+        return written
+    first_name, first = next(iter(trained.items()))
+    if len(first.class_names) == 2:
+        usable = {k: [p for p in _roc_pairs(r) if len(set(p[0].tolist())) == 2] for k, r in trained.items()}
+        usable = {k: v for k, v in usable.items() if v}
+        if usable:
+            fig = plot_roc_comparison(usable, title="Out-of-fold ROC (mean ± std over folds)")
+            written.append(save_figure(fig, out / "roc.png"))
+    histories = first.cv.histories if first.cv is not None else []
+    history = histories[0] if histories else []
+    if history:
+        fig = plot_training_curves(history, title=f"{first_name}: training curves, fold 1")
+        written.append(save_figure(fig, out / "training_curves.png"))
+    return written
+
+
+def load_run(path: str | os.PathLike[str]) -> SavedRun:
+    """Read a run folder: its record, fold models (in eval mode, on the CPU) and clinical scalings.
+
+    Weights are safetensors and models are rebuilt from their JSON
+    arguments, so nothing is unpickled.
+
+    Parameters
+    ----------
+    path : path-like
+        A folder written by :func:`save_run` (``milcell train``).
+
+    Returns
+    -------
+    SavedRun
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder does not exist.
+    CheckpointError
+        No ``run.json``, an unreadable or foreign record, a ``format_version``
+        newer than this milcell reads, a model path outside the run, or a
+        missing, truncated or corrupt model file; the message names the file.
+    """
+    from milcell.nn.model import MILModel
+    from milcell.train.checkpoint import load_weights
+
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"run folder '{folder}' does not exist")
+    record_path = folder / "run.json"
+    if not record_path.is_file():
+        raise CheckpointError(
+            f"'{folder}' is not a saved milcell run: it has no run.json (train one with milcell train)"
+        )
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"run record '{record_path}' is unreadable: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or not record.get("models"):
+        raise CheckpointError(f"run record '{record_path}' is not a milcell run record")
+    version = record.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"run record '{record_path}' has an invalid format_version {version!r}")
+    if version > RUN_FORMAT_VERSION:
+        raise CheckpointError(
+            f"run record '{record_path}' has format_version {version}, newer than the "
+            f"{RUN_FORMAT_VERSION} this milcell reads; upgrade milcell"
+        )
+    missing = [k for k in ("class_names", "image_size", "mean", "std") if k not in record]
+    if missing or not isinstance(record["models"], list):
+        raise CheckpointError(f"run record '{record_path}' lacks {missing or ['a list of models']}")
+    root = folder.resolve()
+    models: list[nn.Module] = []
+    scalers: list[ClinicalScaler | None] = []
+    for entry in record["models"]:
+        # A shared run's record may not point the loader outside the run folder.
+        model_dir = folder / str(entry.get("path", "")) if isinstance(entry, dict) else folder
+        inside = model_dir.resolve()
+        if inside == root or not inside.is_relative_to(root):
+            raise CheckpointError(
+                f"run record '{record_path}': model path {entry!r} is not a folder inside the run"
+            )
+        meta_path = model_dir / "model.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"model record '{meta_path}' is missing")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"model record '{meta_path}' is unreadable: {exc}") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+            raise CheckpointError(f"model record '{meta_path}' has no model_config")
+        model = MILModel.from_config(meta["model_config"])
+        load_weights(model_dir / "model.safetensors", model)
+        model.eval()
+        models.append(model)
+        scaler = meta.get("clinical_scaler")
+        scalers.append(None if scaler is None else ClinicalScaler.from_dict(scaler))
+    return SavedRun(record, models, scalers, folder)
