@@ -1,6 +1,6 @@
 """Leukaemia (C-NMC 2019) backbone comparison: twelve ImageNet CNNs, class weights vs oversampling.
 
-Reproduces the comparison table of the report (``/work/shared/REPORTS.md`` section 5): ALL blasts vs
+Reproduces the comparison table of the report (report 5 of the documentation's References page): ALL blasts vs
 healthy (HEM) single cells (bags of one), one model per backbone, scored on held-out test patients by
 accuracy, weighted F1 and Cohen's kappa. The protocol, with the public code's pitfalls fixed:
 

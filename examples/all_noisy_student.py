@@ -1,6 +1,6 @@
 """Leukaemia (C-NMC 2019) report: EfficientNet-B0 single-cell classifier, Noisy Student, fold ensembles.
 
-Reproduces Tables 2-3 of the report (``/work/shared/REPORTS.md`` section 3): ALL blasts vs healthy
+Reproduces Tables 2-3 of the report (report 3 of the documentation's References page): ALL blasts vs healthy
 (HEM) cells, each cell a *bag of one* (``InstanceDataset`` over ``load_cnmc``), so the MIL model reduces
 to a plain image classifier. The protocol, with the report's two flaws fixed:
 

@@ -1,6 +1,6 @@
 """Lymphocytosis 2021 report: K-scaled mini-ResNet, prediction-level aggregation, clinical attributes.
 
-Reproduces Table 2 of the report (``/work/shared/REPORTS.md`` section 2): reactive vs. malignant
+Reproduces Table 2 of the report (report 2 of the documentation's References page): reactive vs. malignant
 lymphocytosis on a patient-level hold-out validation set (about a quarter of the labelled patients),
 with balanced accuracy (BA), recall (sensitivity of the malignant class) and AUC per model, and a ROC
 figure of all models. Models:

@@ -1,6 +1,6 @@
 """Lymphocytosis 2024 challenge report: mixture of experts of a clinical MLP and a frozen image CNN.
 
-Reproduces Table 1 of the report (``/work/shared/REPORTS.md`` section 1): reactive vs. malignant
+Reproduces Table 1 of the report (report 1 of the documentation's References page): reactive vs. malignant
 lymphocytosis from a bag of blood-cell images plus age, sex and lymphocyte count, scored by the
 balanced accuracy (BA) of stratified 5-fold cross-validation. Rows:
 

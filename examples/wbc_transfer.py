@@ -1,6 +1,6 @@
 """White-cell-type report: five classes, ResNet-18 transfer learning with extra information.
 
-Reproduces Table 1 of the report (``/work/shared/REPORTS.md`` section 4): basophil, eosinophil,
+Reproduces Table 1 of the report (report 4 of the documentation's References page): basophil, eosinophil,
 lymphocyte, monocyte and neutrophil cells (the ``imagefolder`` layout, masks for ~10 % of the training
 images), best validation accuracy when training on 100 / 50 / 10 / 1 % of the training images,
 *without* and *with* extra information. Each cell is a bag of one (``InstanceDataset``).
