@@ -394,7 +394,7 @@ def test_montage_reads_only_the_shown_files(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not an image")
     paths = [good, good, tmp_path / "broken.png", good, good]
     attention_montage(paths, [0.3, 0.2, 0.25, 0.0, 0.4], k=1)  # the broken file is never shown
-    with pytest.raises(DataError, match=r"broken.png' \(cell 2\) cannot be decoded"):
+    with pytest.raises(DataError, match=r"cell 2: cannot read image .*broken.png'"):
         attention_montage(paths, [0.3, 0.2, 0.9, 0.0, 0.4], k=1)
     with pytest.raises(DataError, match=r"gone.png' \(cell 0\) does not exist"):
         attention_montage([tmp_path / "gone.png"], [1.0], k=1)

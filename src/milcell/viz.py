@@ -730,16 +730,13 @@ def attention_order(weights: Any, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
 def _cell_image(item: Any, index: int) -> np.ndarray:
     """One cell as a ``(C, H, W)`` array; ``item`` is an image file path or a ``(C, H, W)`` image."""
     if isinstance(item, (str, os.PathLike)):
-        from PIL import Image, UnidentifiedImageError
+        from milcell.data.images import read_image  # 16-bit, EXIF and alpha handled as in training
 
         path = Path(item)
-        try:
-            with Image.open(path) as img:
-                return np.moveaxis(np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0, -1, 0)
-        except FileNotFoundError as exc:
-            raise DataError(f"image {str(path)!r} (cell {index}) does not exist") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {str(path)!r} (cell {index}) cannot be decoded: {exc}") from exc
+        if not path.is_file():
+            raise DataError(f"image {str(path)!r} (cell {index}) does not exist")
+        image = read_image(path, "RGB", owner=f"cell {index}")
+        return np.moveaxis(np.asarray(image, dtype=np.float64) / 255.0, -1, 0)
     arr = _to_numpy(item, f"images[{index}]")
     if arr.ndim != 3 or arr.shape[0] not in (1, 3):
         raise ShapeError(f"images[{index}] must be (C, H, W) with C = 1 or 3, got shape {arr.shape}")
