@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def crossval() -> None:
         ds = holder["features"]
         holder["cv"] = cross_validate(
-            lambda: create_mil_model(None, pooling="gated_attention", feature_dim=dim, num_classes=2),
+            lambda: create_mil_model(None, pooling="gated_attention", in_dim=dim, num_classes=2),
             lambda fold: (feature_subset(ds, fold.train), feature_subset(ds, fold.val)),
             labels,
             n_splits=folds,

@@ -8,6 +8,7 @@ Run::
 
     python examples/quickstart.py --smoke      # seconds
     python examples/quickstart.py              # a few minutes on a CPU
+    python examples/quickstart.py --data-dir DIR   # real data: the lymphocytosis layout
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ from milcell.train import Trainer, make_loader
 args = make_parser(__doc__).parse_args()  # --smoke, --output-dir, --seed, --device, ...
 profile = setup(args, __file__)  # seeds everything, creates the output folder
 
-# 1. Data: a synthetic cohort in the real on-disk layout, read by the same loader as real data.
-root = args.output_dir / f"cohort_{profile.mode}_seed{args.seed}"
-if not root.exists():
-    make_cohort(root, n_patients=profile.pick(16, 60, 120), seed=args.seed, image_size=32)
-cohort = load_dlmi(root, split="train")  # BagCohort: one record per patient, clinical attributes raw
+# 1. Data: --data-dir (the lymphocytosis layout), else a synthetic cohort in that layout, read by the
+#    same loader. Unlabelled patients (LABEL -1) cannot be trained or validated on: leave them out.
+if args.data_dir is not None:
+    root = args.data_dir
+else:
+    root = args.output_dir / f"cohort_{profile.mode}_seed{args.seed}"
+    if not root.exists():
+        make_cohort(root, n_patients=profile.pick(16, 60, 120), seed=args.seed, image_size=32)
+cohort = load_dlmi(root, split="train").labelled()  # one record per patient, clinical attributes raw
+print(f"{len(cohort)} labelled patients from {root}")
 
 # 2. Split by patient. fold_datasets resizes to 32 px, normalises with the backbone's own statistics,
 #    augments the training bags (flips, rotations) and scales the clinical attributes with training
@@ -47,7 +53,9 @@ train_ds, val_ds, scaler = fold_datasets(
 backbone = create_backbone("milcell_mini_resnet_k8")  # any timm name works, e.g. "resnet18"
 model = MILModel(
     pooling=create_pooling("gated_attention", in_dim=backbone.num_features),
-    head=create_fusion("concat", image_dim=backbone.num_features, clinical_dim=3, num_classes=2),
+    head=create_fusion(
+        "concat", in_dim=backbone.num_features, clinical_dim=len(cohort.clinical_names), num_classes=2
+    ),
     encoder=InstanceEncoder(backbone),
 )
 

@@ -10,26 +10,14 @@ from torch.utils.data import DataLoader
 
 from milcell.data import Bag, BagBatch, collate_bags
 from milcell.exceptions import DataError, ShapeError
-
-
-def _bags(sizes: list[int], dim: int = 3, clinical: int | None = None) -> list[Bag]:
-    out = []
-    start = 0
-    for i, n in enumerate(sizes):
-        # Instance values encode (bag, position) so order can be checked exactly.
-        x = torch.arange(start, start + n, dtype=torch.float32).unsqueeze(1).repeat(1, dim)
-        start += n
-        c = None if clinical is None else torch.full((clinical,), float(i))
-        out.append(Bag(x, label=i % 2, clinical=c, id=f"P{i}"))
-    return out
-
+from tests._factories import make_bags
 
 sizes_st = st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=12)
 
 
 @given(sizes=sizes_st)
 def test_mask_counts_match_bag_sizes(sizes: list[int]) -> None:
-    batch = collate_bags(_bags(sizes))
+    batch = collate_bags(make_bags(sizes, dim=3, ordered=True))
     assert batch.mask.dtype == torch.bool
     assert batch.mask.shape == (len(sizes), max(sizes))
     assert batch.mask.sum(1).tolist() == sizes
@@ -38,7 +26,7 @@ def test_mask_counts_match_bag_sizes(sizes: list[int]) -> None:
 
 @given(sizes=sizes_st, fill=st.floats(allow_nan=False, allow_infinity=False, width=32))
 def test_pad_unpad_round_trip(sizes: list[int], fill: float) -> None:
-    batch = collate_bags(_bags(sizes))
+    batch = collate_bags(make_bags(sizes, dim=3, ordered=True))
     padded = batch.pad(batch.instances, fill=fill)
     assert padded.shape == (len(sizes), max(sizes), 3)
     assert torch.equal(batch.unpad(padded), batch.instances)
@@ -47,7 +35,7 @@ def test_pad_unpad_round_trip(sizes: list[int], fill: float) -> None:
 
 @given(sizes=sizes_st)
 def test_order_of_bags_and_instances_preserved(sizes: list[int]) -> None:
-    bags = _bags(sizes)
+    bags = make_bags(sizes, dim=3, ordered=True)
     batch = collate_bags(bags)
     assert batch.ids == [b.id for b in bags]
     padded = batch.pad(batch.instances)
@@ -66,21 +54,21 @@ def test_images_are_packed_not_padded() -> None:
 
 
 def test_pad_is_differentiable() -> None:
-    batch = collate_bags(_bags([2, 3]))
+    batch = collate_bags(make_bags([2, 3], dim=3, ordered=True))
     values = torch.rand(5, 4, requires_grad=True)
     batch.pad(values).sum().backward()
     assert torch.equal(values.grad, torch.ones(5, 4))
 
 
 def test_clinical_stacked_and_labels() -> None:
-    batch = collate_bags(_bags([2, 1, 4], clinical=3))
+    batch = collate_bags(make_bags([2, 1, 4], dim=3, clinical_dim=3, ordered=True))
     assert batch.clinical.shape == (3, 3)
     assert batch.labels.tolist() == [0, 1, 0]
     assert batch.labels.dtype == torch.long
 
 
 def test_to_and_pin_memory_keep_fields() -> None:
-    batch = collate_bags(_bags([2, 3], clinical=2))
+    batch = collate_bags(make_bags([2, 3], dim=3, clinical_dim=2, ordered=True))
     moved = batch.to("cpu", non_blocking=True, dtype=torch.float64)
     assert moved.instances.dtype == torch.float64
     assert moved.bag_sizes.dtype == torch.long
@@ -90,7 +78,7 @@ def test_to_and_pin_memory_keep_fields() -> None:
 
 
 def test_dataloader_with_workers() -> None:
-    bags = _bags([3, 1, 2, 5, 4], clinical=2)
+    bags = make_bags([3, 1, 2, 5, 4], dim=3, clinical_dim=2, ordered=True)
     loader = DataLoader(bags, batch_size=2, collate_fn=collate_bags, num_workers=2)
     batches = list(loader)
     assert [b.ids for b in batches] == [["P0", "P1"], ["P2", "P3"], ["P4"]]
@@ -155,7 +143,7 @@ def test_bad_fields() -> None:
 
 
 def test_pad_wrong_rows() -> None:
-    batch = collate_bags(_bags([2, 3]))
+    batch = collate_bags(make_bags([2, 3], dim=3, ordered=True))
     with pytest.raises(ShapeError, match="5 instances"):
         batch.pad(torch.rand(4, 3))
     with pytest.raises(ShapeError, match="unpad"):
@@ -168,7 +156,7 @@ def test_pad_wrong_rows() -> None:
 def test_sizes_are_kept_on_the_host_and_travel_with_the_batch() -> None:
     from dataclasses import replace
 
-    batch = collate_bags(_bags([2, 5, 1]))
+    batch = collate_bags(make_bags([2, 5, 1], dim=3, ordered=True))
     assert batch.sizes == (2, 5, 1) and all(type(n) is int for n in batch.sizes)
     moved = batch.to("cpu", dtype=torch.float64)
     assert "sizes" in moved.__dict__ and moved.sizes == (2, 5, 1)  # carried, not re-read
@@ -181,7 +169,7 @@ def test_sizes_are_kept_on_the_host_and_travel_with_the_batch() -> None:
 def test_layout_reads_no_tensor_value_on_the_host() -> None:
     from tests.nn.test_host_sync import no_host_reads
 
-    batch = collate_bags(_bags([2, 5, 1]))
+    batch = collate_bags(make_bags([2, 5, 1], dim=3, ordered=True))
     values = torch.arange(8.0, requires_grad=True)
     with no_host_reads():
         padded = batch.pad(values, fill=-1.0)

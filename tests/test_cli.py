@@ -44,7 +44,8 @@ def dlmi_run(cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # Warnings may come first (they reach stderr by default); the error is one line, the last.
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("milcell: warning: ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("milcell: error: ")
     return lines[0]
@@ -117,13 +118,20 @@ def test_predict_dlmi_writes_the_submission_for_exactly_the_test_patients(
     assert [r[0] for r in rows[1:]] == test_ids
     assert {r[1] for r in rows[1:]} <= {"0", "1"}
     assert "2 samples" in capsys.readouterr().out
+    # Regression: the dlmi layout got no probabilities at all.
+    with open(tmp_path / "sub_probabilities.csv", newline="") as fh:
+        probs = list(csv.DictReader(fh))
+    assert [r["id"] for r in probs] == test_ids
+    for r in probs:
+        assert abs(float(r["prob_reactive"]) + float(r["prob_malignant"]) - 1.0) < 1e-5
 
 
 def test_evaluate_prints_vote_and_fold_rows(
     dlmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = tmp_path / "eval.json"
-    assert main(["evaluate", "--run", str(dlmi_run), "--output", str(target), "--no-progress"]) == 0
+    argv = ["evaluate", "--run", str(dlmi_run), "--split", "train", "--output", str(target)]
+    assert main([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "soft vote of 2 models" in out and "fold models (mean ± std)" in out and "balanced acc." in out
     result = json.loads(target.read_text())
@@ -338,3 +346,163 @@ def test_extract_features_writes_a_reusable_cache(
     cached = FeatureBagDataset.from_safetensors(out / "features.safetensors")
     assert len(cached) == 12 and cached.dim == 64
     assert yaml.safe_load((out / "config.yaml").read_text())["command"] == "extract-features"
+
+
+# ----------------------------------------------------------------------- nothing silently wrong (issue 10)
+
+TRAIN_DLMI = ["train", "--format", "dlmi", "--image-size", "32", *FAST]
+
+
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_train_leaves_an_existing_run_byte_identical(
+    dlmi_run: Path, cohorts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: a rerun with other settings exited 0, kept the old weights and rewrote config.yaml,
+    # model.json and run.json with the new settings; a refused one still rewrote config.yaml first.
+    before = _snapshot(dlmi_run)
+    argv = [*TRAIN_DLMI, "--data-dir", str(cohorts["dlmi"]), "--output-dir", str(dlmi_run)]
+    assert main([*argv, "--pooling", "max", "--lr", "0.01"]) == 2
+    line = _error_line(capsys)
+    assert f"run folder '{dlmi_run}' was trained with" in line
+    assert "pooling='gated_attention'" in line and "lr=0.001" in line
+    assert "now" in line and "pooling='max'" in line and "lr=0.01" in line
+    assert "--overwrite" in line and "--resume" in line
+    assert main([*argv, "--epochs", "2"]) == 2 and "max_epochs=1" in _error_line(capsys)
+    assert main([*argv, "--trainable", "bogus"]) == 2 and "trainable" in _error_line(capsys)
+    assert main([*argv, "--overwrite", "--resume"]) == 2 and "exclude each other" in _error_line(capsys)
+    assert _snapshot(dlmi_run) == before
+
+
+def test_a_refused_train_into_a_new_folder_leaves_no_folder(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "new"
+    argv = [*TRAIN_DLMI, "--data-dir", str(cohorts["dlmi"]), "--output-dir", str(out)]
+    for extra, message in (
+        (["--trainable", "bogus"], "trainable"),
+        (["--folds", "9"], "n_splits=9"),
+        (["--resume"], "nothing to resume"),
+        (["--checkpoint-path", str(tmp_path / "none.pt")], "none.pt' does not exist"),
+    ):
+        assert main([*argv, *extra]) == 2
+        assert message in _error_line(capsys)
+        assert not out.exists()
+
+
+def test_a_frozen_backbone_without_weights_is_warned_about(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: --trainable head from the command line always trained on random frozen features.
+    argv = [*TRAIN_DLMI, "--data-dir", str(cohorts["dlmi"]), "--output-dir", str(tmp_path / "o")]
+    assert main([*argv, "--trainable", "head", "--folds", "9"]) == 2  # refused after the warning
+    err = capsys.readouterr().err
+    assert "milcell: warning: trainable='head' freezes the backbone" in err and "random features" in err
+
+
+def test_overwrite_retrains_a_run_with_other_settings(
+    dlmi_run: Path, cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(dlmi_run, copy)
+    argv = [*TRAIN_DLMI, "--data-dir", str(cohorts["dlmi"]), "--output-dir", str(copy), "--pooling", "max"]
+    assert main([*argv, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "10 labelled patients, 0 unlabelled skipped" in out
+    record = json.loads((copy / "run.json").read_text())
+    assert record["config"]["pooling"] == "max" and record["settings"]["pooling"] == "max"
+    for entry in record["models"]:
+        assert (
+            json.loads((copy / entry["path"] / "model.json").read_text())["model_config"]["pooling"] == "max"
+        )
+    assert json.loads((copy / "cv" / "fold_0_0" / "settings.json").read_text())["pooling"] == "max"
+    assert main([*argv, "--resume"]) == 0  # the same settings: continued (every fold loaded)
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    out = tmp_path / "locked"
+    holder = (
+        "import sys, time; from milcell._locks import folder_lock\n"
+        "with folder_lock(sys.argv[1], what='run folder'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        argv = [*TRAIN_DLMI, "--data-dir", str(cohorts["dlmi"]), "--output-dir", str(out)]
+        start = time.monotonic()
+        assert main(argv) == 2
+        line = _error_line(capsys)
+        assert f"the run folder {out} is in use by process {proc.pid}" in line
+        assert time.monotonic() - start < 60  # refused at once, not after waiting for the lock
+        assert not (out / "config.yaml").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_warnings_reach_stderr_and_broken_links_are_errors(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: the command hid every warning: .webp cells and subfolders were dropped with exit 0
+    # and an empty stderr.
+    root = tmp_path / "dlmi"
+    shutil.copytree(cohorts["dlmi"], root)
+    patient = next(p for p in (root / "trainset").iterdir() if p.is_dir())
+    (patient / "cell.webp").write_bytes(b"RIFF")
+    (patient / "more").mkdir()
+    argv = ["extract-features", "--data-dir", str(root), "--format", "dlmi", "--image-size", "16"]
+    argv += ["--output-dir", str(tmp_path / "f"), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "milcell: warning: patient" in captured.err and "cell.webp" in captured.err
+    assert "more" in captured.err and "1 warning(s) above" in captured.out
+    (patient / "gone.jpg").symlink_to(patient / "absent.jpg")
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "['gone.jpg']" in line and "broken links" in line
+
+
+def test_evaluate_defaults_to_the_out_of_fold_estimate(
+    dlmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: evaluate defaulted to --split train, i.e. the patients the fold models trained on,
+    # and printed their (in-sample) metrics with no caveat.
+    target = tmp_path / "oof.json"
+    assert main(["evaluate", "--run", str(dlmi_run), "--output", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-fold estimate" in out
+    result = json.loads(target.read_text())
+    assert result["split"] == "oof"
+    assert result["summary"] == json.loads((dlmi_run / "run.json").read_text())["summary"]
+    argv = ["evaluate", "--run", str(dlmi_run), "--split", "train", "--output", str(tmp_path / "t.json")]
+    assert main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "CAUTION: 10 of these samples trained the fold models" in captured.out
+    assert "milcell: warning: 10 of the 10 evaluated samples" in captured.err
+
+
+def test_predict_rejects_test_ids_that_trained_the_models(
+    dlmi_run: Path, cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "dlmi"
+    shutil.copytree(cohorts["dlmi"], root)
+    train_ids = json.loads((dlmi_run / "run.json").read_text())["train_ids"]
+    test_csv = next((root / "testset").glob("*.csv"))
+    with open(test_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    (root / "testset" / rows[0]["ID"]).rename(root / "testset" / train_ids[0])
+    rows[0]["ID"] = train_ids[0]
+    with open(test_csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    argv = ["predict", "--run", str(dlmi_run), "--data-dir", str(root), "--output", str(tmp_path / "s.csv")]
+    assert main(argv) == 2
+    assert f"also training IDs of the run ({train_ids[0]})" in _error_line(capsys)

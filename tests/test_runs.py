@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -270,3 +271,111 @@ def test_a_run_loads_without_the_command_line_package(trained: tuple[SavedRun, P
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"
+
+
+# ----------------------------------------------------------------------- nothing silently wrong (issue 10)
+
+
+def test_train_run_counts_skipped_and_imputed_values(cohort_root: Path) -> None:
+    # Regression: unlabelled patients were dropped and missing clinical values imputed without a word.
+    from milcell.data import BagRecord
+    from milcell.runs import describe_data
+
+    cohort = load_dlmi(cohort_root, "train")
+    records = list(cohort)
+    records[0] = BagRecord(records[0].id, -1, records[0].paths, records[0].clinical)
+    clinical = list(records[1].clinical or ())
+    clinical[2] = float("nan")
+    records[1] = BagRecord(records[1].id, records[1].label, records[1].paths, tuple(clinical))
+    changed = BagCohort(records, clinical_names=cohort.clinical_names, class_names=cohort.class_names)
+    run = train_run(changed, folds=2, epochs=1, image_size=16, max_instances=2, figures=False, device="cpu")
+    assert run.data["labelled"] == len(cohort) - 1 and run.data["unlabelled_skipped"] == 1
+    assert run.data["imputed"] == {"sex": [records[1].id]}
+    assert describe_data(run.data) == (
+        f"{len(cohort) - 1} labelled patients, 1 unlabelled skipped, 1 values imputed (sex: {records[1].id})"
+    )
+    assert records[0].id not in (run.training_ids or [])
+
+
+def test_held_out_ids_that_trained_the_models_are_an_error(
+    trained: tuple[SavedRun, Path], cohort_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: test patients equal to training patients were predicted and scored without a caveat.
+    run, _ = trained
+    train = load_dlmi(cohort_root, "train")
+    assert run.training_ids == sorted(train.ids)
+    with caplog.at_level("WARNING", logger="milcell"):
+        evaluation = run.evaluate(train, device="cpu")
+    assert sorted(evaluation.trained_on) == sorted(train.ids)
+    assert "trained the fold models" in caplog.text
+    test = load_dlmi(cohort_root, "test")
+    assert run.training_overlap(test) == []
+    run.predict(test, device="cpu", held_out=True)  # distinct IDs: fine
+    leaky = SavedRun(
+        {**run.record, "train_ids": [*run.record["train_ids"], test.ids[0]]}, run.models, run.scalers
+    )
+    with pytest.raises(DataError, match=f"also training IDs of the run \\({test.ids[0]}\\)"):
+        leaky.predict(test, device="cpu", held_out=True)
+
+
+def test_predictions_write_probabilities_and_the_submission(
+    trained: tuple[SavedRun, Path], cohort_root: Path, tmp_path: Path
+) -> None:
+    run, _ = trained
+    preds = run.predict(load_dlmi(cohort_root, "test"), device="cpu")
+    text = preds.write_csv(tmp_path / "p.csv").read_text().splitlines()
+    assert text[0] == "id,predicted,prob_reactive,prob_malignant" and len(text) == len(preds.ids) + 1
+    assert preds.write_submission(tmp_path / "s.csv").read_text().splitlines()[0] == "Id,Predicted"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r, m: r.pop("image_size"), "lacks the key 'image_size'"),
+        (lambda r, m: r.update(mean="0.5"), "'mean' must be list"),
+        (lambda r, m: r.update(class_names=[0, 1]), "'class_names' must be a list of strings"),
+        (lambda r, m: r.update(data_format=3), "'data_format' must be str or null"),
+        (lambda r, m: r["models"][0].pop("path"), "has no 'path' string"),
+        (lambda r, m: m.update(extra=1), "model.json' has unknown key(s) 'extra'"),
+        (lambda r, m: m["model_config"].update(wings=2), "'model_config' is invalid"),
+        (lambda r, m: m.update(clinical_scaler={"names": 1}), "'clinical_scaler' is invalid"),
+        (lambda r, m: m.pop("model_config"), "lacks the key 'model_config'"),
+    ],
+)
+def test_load_run_names_the_file_and_key_of_a_malformed_record(
+    trained: tuple[SavedRun, Path], tmp_path: Path, edit: Any, message: str
+) -> None:
+    # Regression: malformed run.json / model.json gave a KeyError or TypeError traceback.
+    import shutil
+
+    _, out = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "run.json").read_text())
+    meta_path = copy / record["models"][0]["path"] / "model.json"
+    meta = json.loads(meta_path.read_text())
+    edit(record, meta)
+    (copy / "run.json").write_text(json.dumps(record))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as exc:
+        load_run(copy)
+    assert message in str(exc.value)
+    assert ("model.json" if "model" in message or "scaler" in message else "run.json") in str(exc.value)
+
+
+def test_train_run_refuses_changed_settings_and_leaves_the_run_untouched(
+    trained: tuple[SavedRun, Path], cohort_root: Path
+) -> None:
+    # Regression: a rerun with other settings reused the old folds and rewrote run.json with the new ones.
+    _, out = trained
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    common = {"folds": 2, "epochs": 1, "batch_size": 2, "max_instances": 3, "figures": False, "device": "cpu"}
+    with pytest.raises(ConfigError) as exc:
+        train_run(load_dlmi(cohort_root, "train"), out, pooling="max", image_size=24, lr=0.01, **common)
+    text = str(exc.value)
+    assert "pooling='attention'" in text and "pooling='max'" in text and "image_size=32" in text
+    assert "lr=0.001" in text and "lr=0.01" in text and "overwrite" in text
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train_run(load_dlmi(cohort_root, "train"), out.parent / "fresh", resume=True, **common)
+    assert not (out.parent / "fresh").exists()

@@ -158,7 +158,7 @@ def _plain(value: Any) -> bool:
 
 
 def _model(**kwargs: Any) -> MILModel:
-    return create_mil_model(None, pooling="mean", feature_dim=4, **kwargs)
+    return create_mil_model(None, pooling="mean", in_dim=4, **kwargs)
 
 
 I64, I32, F64, F32 = np.int64, np.int32, np.float64, np.float32
@@ -209,8 +209,8 @@ CASES: list[Case] = [
     (
         "create_fusion",
         lambda **k: create_fusion("concat", **k),
-        {"image_dim": I64(8), "clinical_dim": I32(3), "num_classes": I64(2)},
-        {"image_dim": 8, "clinical_dim": 3, "num_classes": 2},
+        {"in_dim": I64(8), "clinical_dim": I32(3), "num_classes": I64(2)},
+        {"in_dim": 8, "clinical_dim": 3, "num_classes": 2},
         ("num_classes", I64(1)),
     ),
     (
@@ -223,28 +223,28 @@ CASES: list[Case] = [
     (
         "LinearHead",
         LinearHead,
-        {"image_dim": I64(8), "clinical_dim": I64(0), "num_classes": I64(4), "hidden": [I64(8)]},
-        {"image_dim": 8, "num_classes": 4},
-        ("image_dim", -1),
+        {"in_dim": I64(8), "clinical_dim": I64(0), "num_classes": I64(4), "hidden": [I64(8)]},
+        {"in_dim": 8, "num_classes": 4},
+        ("in_dim", -1),
     ),
     (
         "ConcatFusion",
         ConcatFusion,
-        {"image_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2)},
+        {"in_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2)},
         {"clinical_dim": 2},
         ("clinical_dim", -2),
     ),
     (
         "MoEFusion",
         MoEFusion,
-        {"image_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2), "combiner_hidden": (I32(4),)},
+        {"in_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2), "combiner_hidden": (I32(4),)},
         {"num_classes": 2},
         ("combiner_hidden[0]", 0),
     ),
     (
         "GatedFusion",
         GatedFusion,
-        {"image_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2), "summary_dim": I64(3)},
+        {"in_dim": I64(8), "clinical_dim": I64(2), "num_classes": I64(2), "summary_dim": I64(3)},
         {"summary_dim": 3},
         ("summary_dim", 0),
     ),
@@ -268,11 +268,11 @@ CASES: list[Case] = [
         ("clinical_dim", -1),
     ),
     (
-        "create_mil_model(feature_dim)",
+        "create_mil_model(in_dim)",
         lambda **k: create_mil_model(None, pooling="attention", **k),
-        {"feature_dim": I64(4), "pooling_kwargs": {"hidden": I64(5)}},
-        {"feature_dim": 4, "config": None},
-        ("feature_dim", 0),
+        {"in_dim": I64(4), "pooling_kwargs": {"hidden": I64(5)}},
+        {"in_dim": 4, "config": None},
+        ("in_dim", 0),
     ),
     (
         "create_mil_model(backbone)",

@@ -16,7 +16,7 @@ Examples
 --------
 >>> import torch
 >>> import milcell
->>> model = milcell.create_mil_model(backbone=None, feature_dim=8, pooling="gated_attention")
+>>> model = milcell.create_mil_model(backbone=None, in_dim=8, pooling="gated_attention")
 >>> batch = milcell.collate_bags([milcell.Bag(torch.rand(5, 8), 1), milcell.Bag(torch.rand(2, 8), 0)])
 >>> out = model(batch)
 >>> out.logits.shape, out.attention.shape
@@ -35,8 +35,10 @@ from milcell.exceptions import (
     CheckpointError,
     ConfigError,
     DataError,
+    LockError,
     MilcellError,
     ShapeError,
+    TrainingError,
 )
 
 __version__ = "0.1.0"
@@ -100,10 +102,12 @@ __all__ = [
     "DataError",
     "FeatureBagDataset",
     "InstanceDataset",
+    "LockError",
     "MILModel",
     "MilcellError",
     "ShapeError",
     "Trainer",
+    "TrainingError",
     "__version__",
     "checks",
     "checks_enabled",

@@ -201,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(train, "--output-dir", default="milcell-run", help="folder of the saved run")
     add_option(
+        train,
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="replace a run in --output-dir trained with other settings",
+    )
+    add_option(
+        train,
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the (interrupted) run in --output-dir; its settings must be the same",
+    )
+    add_option(
         train, "--fusion", default=None, help="fusion head (default: concat with clinical data, else linear)"
     )
     add_option(
@@ -211,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(
         train, "--trainable", default="all", help="'all', 'head' (frozen backbone) or the last N stages"
+    )
+    add_option(
+        train,
+        "--checkpoint-path",
+        metavar="FILE",
+        default=None,
+        help="local backbone weights (safetensors or torch state dict), e.g. for --trainable head offline",
     )
     add_option(train, "--chunk-size", type=_positive_int, default=None, help="instances per backbone call")
     add_option(train, "--precision", choices=PRECISIONS, default="32", help="autocast precision")
@@ -236,14 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_option(p, "--run", metavar="DIR", help="folder written by 'milcell train' (required)")
         add_option(p, "--data-dir", metavar="DIR", default=None, help="dataset folder (default: the run's)")
-        default_split = "train" if name == "evaluate" else None
-        add_option(
-            p,
-            "--split",
-            choices=("train", "test", "all"),
-            default=default_split,
-            help="which samples (predict default: test; cnmc: all)",
-        )
+        if name == "evaluate":
+            add_option(
+                p,
+                "--split",
+                choices=("oof", "train", "test", "all"),
+                default="oof",
+                help="'oof': the run's out-of-fold estimate for its training patients (no data read); "
+                "train/test/all: predict that split (training patients give optimistic metrics)",
+            )
+        else:
+            add_option(
+                p,
+                "--split",
+                choices=("train", "test", "all"),
+                default=None,
+                help="which samples (default: test; cnmc: all)",
+            )
         add_option(p, "--method", choices=("soft", "hard"), default="soft", help="vote of the fold models")
         add_option(p, "--batch-size", type=_positive_int, default=4, help="bags per batch")
         add_option(p, "--precision", choices=PRECISIONS, default="32", help="autocast precision")
@@ -429,6 +459,7 @@ def _cmd_demo(cfg: dict[str, Any]) -> int:
 
 def _cmd_train(cfg: dict[str, Any]) -> int:
     from milcell._cli.runs import train_command
+    from milcell.runs import describe_data
 
     _require(cfg, "data_dir", "format")
     _check_model_names(cfg)
@@ -436,9 +467,15 @@ def _cmd_train(cfg: dict[str, Any]) -> int:
     if not Path(cfg["data_dir"]).exists():
         raise FileNotFoundError(f"data directory '{cfg['data_dir']}' does not exist")
     out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, "train")
-    run = train_command(cfg, out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir '{out}' is a file, not a folder")
+
+    # Nothing is written until the library has validated the run: config.yaml goes in just before training.
+    def write_config(folder: Path) -> None:
+        save_config(cfg, folder, "train")
+
+    run = train_command(cfg, out, before_training=write_config)
+    print(f"{cfg['data_dir']}: {describe_data(run.data)}")
     print(
         f"{cfg['folds']}-fold patient-level cross-validation on {cfg['data_dir']} (mean ± std over folds)\n"
     )
@@ -451,15 +488,27 @@ def _cmd_evaluate(cfg: dict[str, Any]) -> int:
     import json
 
     from milcell._cli.runs import evaluate_command
-    from milcell._utils import atomic_path
+    from milcell._utils import atomic_path, json_safe
 
     _require(cfg, "run")
     table, result = evaluate_command(cfg)
     target = Path(cfg.get("output") or Path(cfg["run"]) / "evaluation.json")
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{result['data_dir']} (split {result['split']})\n")
+        tmp.write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
+    if result["split"] == "oof":
+        print(
+            "out-of-fold estimate for the run's training patients: each predicted by the fold model that "
+            "did not train on it (mean ± std over folds)\n"
+        )
+    else:
+        print(f"{result['data_dir']} (split {result['split']})\n")
     print(table)
+    trained_on = result.get("trained_on") or []
+    if trained_on:
+        print(
+            f"\nCAUTION: {len(trained_on)} of these samples trained the fold models; these metrics are "
+            "optimistic (the out-of-fold estimate, milcell evaluate without --split, is not)"
+        )
     print(f"\nwrote {target}")
     return 0
 
@@ -468,8 +517,8 @@ def _cmd_predict(cfg: dict[str, Any]) -> int:
     from milcell._cli.runs import predict_command
 
     _require(cfg, "run")
-    target, n = predict_command(cfg)
-    print(f"wrote predictions for {n} samples to {target}")
+    targets, n = predict_command(cfg)
+    print(f"wrote predictions for {n} samples to {' and '.join(str(t) for t in targets)}")
     return 0
 
 
@@ -529,14 +578,53 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _configure_logging(verbose: bool) -> None:
+class _CountingHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
+    """Writes milcell's log records to the current ``sys.stderr`` and counts the warnings."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(sys.stderr)
+        self.setLevel(level)
+        self.warnings = 0
+        fmt = (
+            "%(asctime)s %(levelname)s %(message)s"
+            if level <= logging.INFO
+            else "milcell: %(levelname)s: %(message)s"
+        )
+        self.setFormatter(_LowerLevelFormatter(fmt, "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.warnings += 1
+        self.stream = sys.stderr  # capsys and the like swap sys.stderr between calls
+        super().emit(record)
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def _configure_logging(verbose: bool) -> tuple[_CountingHandler, int]:
+    """Send milcell's warnings (with ``-v``: progress too) to stderr; :func:`_restore_logging` undoes it."""
     log = logging.getLogger("milcell")
-    if verbose and not any(getattr(h, "_milcell_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        handler._milcell_cli = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    handler = _CountingHandler(logging.INFO if verbose else logging.WARNING)
+    log.addHandler(handler)
+    previous = log.level
+    wanted = logging.INFO if verbose else logging.WARNING
+    if log.getEffectiveLevel() > wanted:
+        log.setLevel(wanted)
+    return handler, previous
+
+
+def _restore_logging(state: tuple[_CountingHandler, int] | None) -> None:
+    if state is None:
+        return
+    handler, previous = state
+    log = logging.getLogger("milcell")
+    log.removeHandler(handler)
+    log.setLevel(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     parser = build_parser()
+    logging_state = None
     try:
         try:
             args = parser.parse_args(args_list)
@@ -573,9 +662,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sub = parser._subcommands[args.command]  # type: ignore[attr-defined]
         cfg = resolve(sub, args)
-        _configure_logging(bool(getattr(args, "verbose", False)))
+        logging_state = _configure_logging(bool(getattr(args, "verbose", False)))
         _setup(cfg)
-        return _COMMANDS[args.command](cfg)
+        code = _COMMANDS[args.command](cfg)
+        if code == 0 and logging_state[0].warnings:
+            print(f"{logging_state[0].warnings} warning(s) above (on stderr)")
+        return code
     except (MilcellError, OSError, ValueError) as exc:
         if debug:
             traceback.print_exc()
@@ -584,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_logging(logging_state)
 
 
 if __name__ == "__main__":

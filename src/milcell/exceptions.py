@@ -19,8 +19,10 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "LockError",
     "MilcellError",
     "ShapeError",
+    "TrainingError",
 ]
 
 
@@ -51,3 +53,19 @@ class CheckpointError(MilcellError):
 
 class CacheError(MilcellError):
     """A feature cache is incomplete or does not match its key."""
+
+
+class LockError(MilcellError):
+    """Another process holds the lock on a folder milcell writes (run, checkpoint or feature cache).
+
+    The message names the folder and the holder's process id, host and start time.
+    """
+
+
+class TrainingError(MilcellError, RuntimeError):
+    """Training or inference cannot go on, through no fault of one file or argument.
+
+    Raised for a non-finite loss or gradient (the message names the epoch, the
+    step and the bags of the batch) and for a data-loading worker that died
+    (killed by the out-of-memory killer, for instance).
+    """

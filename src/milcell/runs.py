@@ -40,7 +40,6 @@ Examples
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from milcell._utils import atomic_path
+from milcell._utils import atomic_path, json_safe, write_dict_csv
 from milcell._validation import check_choice, check_int, check_real
 from milcell.data.bag import Bag
 from milcell.data.datasets import BagDataset, ImageCache, InstanceDataset
@@ -67,12 +66,15 @@ from milcell.exceptions import CheckpointError, ConfigError, DataError
 __all__ = [
     "RUN_FORMAT",
     "RUN_FORMAT_VERSION",
+    "RUN_OUTPUTS",
     "TABLE_METRICS",
     "Preprocessing",
     "RunEvaluation",
     "RunPredictions",
     "SavedRun",
     "backbone_data_config",
+    "data_fingerprint",
+    "describe_data",
     "fit_clinical_scaler",
     "fold_datasets",
     "format_table",
@@ -684,6 +686,35 @@ class RunPredictions:
         """``(n,)`` int64 most probable class."""
         return self.probabilities.argmax(axis=1).astype(np.int64)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per sample: ``id``, ``predicted`` (class name), ``prob_<class>`` (6 decimals).
+
+        Examples
+        --------
+        >>> p = RunPredictions(["a"], np.array([[0.25, 0.75]]), np.array([-1]), [], ["neg", "pos"])
+        >>> p.rows()
+        [{'id': 'a', 'predicted': 'pos', 'prob_neg': '0.250000', 'prob_pos': '0.750000'}]
+        """
+        return [
+            {
+                "id": sample_id,
+                "predicted": self.class_names[int(k)],
+                **{f"prob_{c}": f"{v:.6f}" for c, v in zip(self.class_names, row, strict=True)},
+            }
+            for sample_id, k, row in zip(self.ids, self.predicted, self.probabilities, strict=True)
+        ]
+
+    def write_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`rows` as CSV (atomically); return the path."""
+        write_dict_csv(self.rows(), path)
+        return Path(path)
+
+    def write_submission(self, path: str | os.PathLike[str]) -> Path:
+        """Write the lymphocytosis challenge's ``Id,Predicted`` CSV (class indices); return the path."""
+        rows = [{"Id": i, "Predicted": int(k)} for i, k in zip(self.ids, self.predicted, strict=True)]
+        write_dict_csv(rows, path)
+        return Path(path)
+
 
 @dataclass
 class RunEvaluation:
@@ -693,6 +724,8 @@ class RunEvaluation:
     fold_models: list[dict[str, float]]
     method: str
     num_classes: int
+    trained_on: list[str] = field(default_factory=list)
+    """IDs of evaluated samples the fold models were trained on (their metrics are optimistic)."""
 
     def table(self) -> str:
         """The vote's row and the fold models' ``mean ± std`` row."""
@@ -756,6 +789,30 @@ class SavedRun:
         return None if value is None else int(value)
 
     @property
+    def training_ids(self) -> list[str] | None:
+        """IDs of the samples the fold models were trained on (None: a run that does not record them)."""
+        ids = self.record.get("train_ids")
+        return None if ids is None else [str(i) for i in ids]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The training data's counts: labelled, unlabelled skipped, imputed (see :func:`describe_data`)."""
+        return dict(self.record.get("data") or {})
+
+    def training_overlap(self, samples: BagCohort | CellSet) -> list[str]:
+        """The IDs of ``samples`` that the fold models were trained on (empty when unknown).
+
+        Raises
+        ------
+        ConfigError
+            ``samples`` is not a BagCohort or CellSet.
+        """
+        _check_samples(samples)
+        trained = set(self.training_ids or [])
+        ids = samples.ids if isinstance(samples, BagCohort) else [c.id for c in samples]
+        return [i for i in ids if i in trained]
+
+    @property
     def summary(self) -> dict[str, tuple[float, float]]:
         """Cross-validated ``metric -> (mean, std)`` over the folds."""
         return {k: (float(v[0]), float(v[1])) for k, v in (self.record.get("summary") or {}).items()}
@@ -811,6 +868,7 @@ class SavedRun:
         num_workers: int = 0,
         progress: bool = False,
         cache_images: bool = True,
+        held_out: bool = False,
     ) -> RunPredictions:
         """Predict with every fold model and vote.
 
@@ -835,6 +893,9 @@ class SavedRun:
             Progress bars.
         cache_images : bool, default True
             Decode each image once for all fold models.
+        held_out : bool, default False
+            The samples are a held-out (test) set: any ID that the fold models
+            were trained on is an error (IDs are unique across the splits).
 
         Returns
         -------
@@ -846,7 +907,8 @@ class SavedRun:
             A dataset or loader given for a run with per-fold clinical scaling,
             or an invalid argument.
         DataError
-            Fold models that saw different bags.
+            Fold models that saw different bags, or (``held_out``) samples the
+            fold models were trained on.
         """
         from milcell.train.distributed import make_loader
         from milcell.train.ensemble import vote
@@ -857,6 +919,14 @@ class SavedRun:
         num_workers = check_int(num_workers, "num_workers", low=0)
         target = _device(device)
         samples = isinstance(data, (BagCohort, CellSet))
+        if held_out and samples:
+            overlap = self.training_overlap(data)  # type: ignore[arg-type]
+            if overlap:
+                raise DataError(
+                    f"{len(overlap)} held-out (test) ID(s) are also training IDs of the run "
+                    f"({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}): IDs must be unique "
+                    "across the training and test sets"
+                )
         if not samples and any(s is not None for s in self.scalers):
             raise ConfigError(
                 "this run scales the clinical attributes per fold model: pass the samples (a BagCohort), "
@@ -903,7 +973,10 @@ class SavedRun:
     ) -> RunEvaluation:
         """Metrics of the vote and of each fold model on labelled data.
 
-        Binary problems get :func:`~milcell.metrics.binary_report`, others
+        Samples the fold models were trained on (:meth:`training_overlap`) are
+        evaluated too, with a warning: their metrics are optimistic (the
+        out-of-fold :attr:`summary` is the estimate for them); their IDs are
+        in ``RunEvaluation.trained_on``. Binary problems get :func:`~milcell.metrics.binary_report`, others
         :func:`~milcell.metrics.multiclass_report`.
 
         Parameters
@@ -924,6 +997,18 @@ class SavedRun:
         """
         from milcell.metrics import binary_report, multiclass_report
 
+        overlap: list[str] = []
+        if isinstance(data, (BagCohort, CellSet)):
+            overlap = self.training_overlap(data)
+            if overlap and not kwargs.get("held_out"):
+                logger.warning(
+                    "%d of the %d evaluated samples (%s%s) trained the fold models: their metrics are "
+                    "optimistic; the run's out-of-fold summary is the honest estimate for them",
+                    len(overlap),
+                    len(data),
+                    ", ".join(overlap[:3]),
+                    ", ..." if len(overlap) > 3 else "",
+                )
         preds = self.predict(data, **kwargs)
         if (preds.labels >= 0).sum() == 0:
             raise DataError("no labelled sample in the data; evaluate needs labels")
@@ -940,7 +1025,149 @@ class SavedRun:
             [report(p) for p in preds.fold_probabilities],
             preds.method,
             len(names),
+            overlap,
         )
+
+
+#: Files and folders a run folder holds (what ``overwrite=True`` removes; nothing else is touched).
+RUN_OUTPUTS = (
+    "run.json",
+    "models",
+    "cv",
+    "folds.csv",
+    "oof_predictions.csv",
+    "summary.txt",
+    "roc.png",
+    "training_curves.png",
+    "config.yaml",
+    "config.json",
+    "evaluation.json",
+    "submission.csv",
+    "submission_probabilities.csv",
+    "predictions.csv",
+)
+
+
+def data_fingerprint(samples: BagCohort | CellSet) -> str:
+    """``"<n> <unit>, sha256 <16 hex>"``: the samples' identity (IDs, labels, clinical values, files).
+
+    The files enter by name and size. Two runs may share folds only when
+    this is equal (with the other settings).
+
+    Examples
+    --------
+    >>> from milcell.data import BagRecord
+    >>> cohort = BagCohort([BagRecord("P1", 0, (Path("no-such.png"),), (1.0,))], clinical_names=("age",))
+    >>> data_fingerprint(cohort)
+    '1 patients, sha256 ...'
+    """
+    import hashlib
+
+    _check_samples(samples)
+
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return -1
+
+    rows: list[Any] = []
+    if isinstance(samples, BagCohort):
+        for r in samples:
+            clinical = None if r.clinical is None else [repr(float(v)) for v in r.clinical]
+            rows.append([r.id, int(r.label), clinical, [[p.name, size(p)] for p in r.paths]])
+        unit = "patients"
+    else:
+        for c in samples:
+            rows.append([c.patient, c.path.name, int(c.label), size(c.path)])
+        unit = "cells"
+    rows.sort(key=json.dumps)
+    digest = hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()[:16]
+    return f"{len(rows)} {unit}, sha256 {digest}"
+
+
+def _data_summary(samples: Samples) -> tuple[Samples, dict[str, Any]]:
+    """The labelled samples, and the counts of what was left out or imputed (``run.json``'s ``data``)."""
+    labels = np.asarray(samples.labels)
+    unlabelled = int((labels < 0).sum())
+    imputed: dict[str, list[str]] = {}
+    if isinstance(samples, BagCohort):
+        unit = "patients"
+        samples = samples.labelled()
+        if samples.clinical_names and len(samples):
+            matrix = samples.clinical_matrix()
+            for j, name in enumerate(samples.clinical_names):
+                rows = np.flatnonzero(np.isnan(matrix[:, j]))
+                if rows.size:
+                    imputed[name] = [samples.ids[i] for i in rows]
+    else:
+        unit = "cells"
+    summary = {
+        "unit": unit,
+        "labelled": int(len(labels) - unlabelled),
+        "unlabelled_skipped": unlabelled,
+        "imputed": imputed,
+    }
+    return samples, summary
+
+
+def describe_data(summary: Mapping[str, Any]) -> str:
+    """One line of a run's data counts (``run.json``'s ``data``): labelled, skipped, imputed.
+
+    Examples
+    --------
+    >>> describe_data({"unit": "patients", "labelled": 72, "unlabelled_skipped": 3,
+    ...                "imputed": {"sex": ["P12", "P40"]}})
+    '72 labelled patients, 3 unlabelled skipped, 2 values imputed (sex: P12, P40)'
+    """
+    imputed = dict(summary.get("imputed") or {})
+    count = sum(len(v) for v in imputed.values())
+    text = (
+        f"{summary.get('labelled', '?')} labelled {summary.get('unit', 'samples')}, "
+        f"{summary.get('unlabelled_skipped', 0)} unlabelled skipped, {count} values imputed"
+    )
+    if imputed:
+
+        def ids(values: Sequence[str]) -> str:
+            shown = ", ".join(str(v) for v in values[:5])
+            return shown + (f", ... ({len(values)} in all)" if len(values) > 5 else "")
+
+        text += " (" + "; ".join(f"{name}: {ids(v)}" for name, v in imputed.items()) + ")"
+    return text
+
+
+def _existing_run(out: Path, settings: Mapping[str, Any]) -> tuple[bool, tuple[str, str] | None]:
+    """Whether ``out`` holds (part of) a run, and ``(was, now)`` when its settings differ."""
+    from milcell.train.crossval import settings_differences, stale_folds
+
+    record_path = out / "run.json"
+    has_record = record_path.is_file()
+    stale = stale_folds(out / "cv", settings)
+    has_folds = (out / "cv").is_dir() and any((out / "cv").glob("fold_*_*"))
+    if has_record:
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"run record '{record_path}' is unreadable: {exc}") from exc
+        saved = record.get("settings") if isinstance(record, dict) else None
+        if not isinstance(saved, dict):
+            return True, ("settings it does not record (an older milcell)", "the given settings")
+        if saved != dict(settings):
+            return True, settings_differences(saved, settings)
+    if stale:
+        return True, (stale[0][1], stale[0][2])
+    return has_record or has_folds, None
+
+
+def _clear_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def train_run(
@@ -952,6 +1179,7 @@ def train_run(
     fusion: str | None = None,
     inputs: str = "both",
     pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
     trainable: str | int = "all",
     chunk_size: int | None = None,
     folds: int = 5,
@@ -973,6 +1201,9 @@ def train_run(
     progress: bool = False,
     figures: bool = True,
     data_format: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    before_training: Callable[[Path], None] | None = None,
 ) -> SavedRun:
     """Cross-validate (patient level) one model on ``samples``; save the run to ``output_dir``.
 
@@ -982,7 +1213,18 @@ def train_run(
     :func:`model_arguments`; training from
     :func:`~milcell.train.crossval.cross_validate` (checkpoints in
     ``output_dir/cv``, so an interrupted run resumes). Unlabelled bags are
-    left out.
+    left out and counted, as are the clinical values the folds impute
+    (``run.record["data"]``, :func:`describe_data`).
+
+    Every argument is validated, and an existing run in ``output_dir`` is
+    compared with this one, before anything is written: a refused run leaves
+    no folder behind and an existing run untouched. An existing (or
+    interrupted) run is continued only when everything that determines its
+    result is the same — the model, the training options, the
+    preprocessing, the split and the data (:func:`data_fingerprint`);
+    otherwise a :class:`~milcell.exceptions.ConfigError` names the differing
+    settings. The run folder is locked while it is written (a second writer
+    gets a :class:`~milcell.exceptions.LockError`).
 
     Parameters
     ----------
@@ -992,6 +1234,10 @@ def train_run(
         The run folder (see :func:`save_run`); None keeps the run in memory.
     backbone, pooling, fusion, inputs, pretrained, trainable, chunk_size
         The model (:func:`model_arguments`).
+    checkpoint_path : path-like, optional
+        Local backbone weights (safetensors or a torch state dict). A frozen
+        backbone (``trainable`` other than ``"all"``) without them or
+        ``pretrained`` gets a warning: it would train on random features.
     folds, repeats : int
         ``folds >= 2`` patient-level folds, repeated ``repeats`` times.
     epochs, batch_size, lr, seed, precision, sampler, monitor, patience, num_workers
@@ -1008,6 +1254,16 @@ def train_run(
         Write ``roc.png`` and ``training_curves.png`` (needs matplotlib).
     data_format : str, optional
         The layout name recorded for ``milcell evaluate`` / ``predict``.
+    overwrite : bool, default False
+        Replace a run in ``output_dir`` trained with other settings (its
+        files, :data:`RUN_OUTPUTS`, are removed first; nothing else is).
+    resume : bool, default False
+        Require an existing (possibly interrupted) run with the same
+        settings in ``output_dir`` and continue it.
+    before_training : callable, optional
+        ``folder -> None``, called once the run is validated and its folder
+        created and locked, before training (the command line writes its
+        ``config.yaml`` there).
 
     Returns
     -------
@@ -1017,22 +1273,49 @@ def train_run(
     Raises
     ------
     ConfigError
-        An invalid option; the message names it.
+        An invalid option (the message names it), an ``output_dir`` holding
+        a run with other settings (without ``overwrite``), or ``resume``
+        without a run to resume.
+    LockError
+        Another process is writing ``output_dir``.
     """
     import milcell
+    from milcell._locks import folder_lock
     from milcell.data.splits import patient_kfold
     from milcell.nn.model import create_mil_model
-    from milcell.train.crossval import cross_validate
+    from milcell.train.crossval import cross_validate, fold_settings
 
     _check_samples(samples)
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ConfigError(f"output folder '{output_dir}' is a file, not a folder")
     start = time.perf_counter()
     folds = check_int(folds, "folds", low=2)
     repeats = check_int(repeats, "repeats", low=1)
     seed = check_int(seed, "seed", low=0)
+    epochs = check_int(epochs, "epochs", low=1)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    num_workers = check_int(num_workers, "num_workers", low=0)
+    lr = check_real(lr, "lr", low=0.0, low_open=True)
+    if patience is not None:
+        patience = check_int(patience, "patience", low=1)
+    if monitor is not None and not isinstance(monitor, str):
+        raise ConfigError(f"monitor must be None or an epoch-log key (str), got {monitor!r}")
+    if monitor is not None and not monitor.startswith(("val_", "train_")):
+        raise ConfigError(
+            "monitor must name an epoch-log key starting with 'val_' or 'train_' (e.g. 'val_loss', "
+            f"'val_balanced_accuracy'), got {monitor!r}"
+        )
     if sampler is not None:
         check_choice(sampler, "sampler", ("balanced", "oversample"))
-    if isinstance(samples, BagCohort):
-        samples = samples.labelled()
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other: replace the run, or continue it")
+    if checkpoint_path is not None:
+        weights = Path(checkpoint_path)
+        if not weights.is_file():
+            raise FileNotFoundError(f"checkpoint_path '{weights}' does not exist or is not a file")
+        checkpoint_path = str(weights)
+    samples, data_counts = _data_summary(samples)
+    logger.info("train_run: %s", describe_data(data_counts))
     class_names = list(samples.class_names)
     clinical_names = list(getattr(samples, "clinical_names", ()))
     model_args = model_arguments(
@@ -1046,28 +1329,75 @@ def train_run(
         trainable=trainable,
         chunk_size=chunk_size,
     )
+    if checkpoint_path is not None:
+        model_args["backbone_kwargs"] = {"checkpoint_path": checkpoint_path}
     backbone_config = backbone_data_config(backbone)
     prep = Preprocessing.from_backbone(backbone, image_size)
-    cache = _cache(cache_images)
-    if cache is not None:
-        _dataset(
-            samples,
-            None,
-            prep,
-            train=False,
-            augment=False,
-            rotation=0.0,
-            max_instances=None,
-            seed=0,
-            scaler=None,
-            cache=cache,
-        ).preload(  # type: ignore[attr-defined]
-            progress
+    with torch.random.fork_rng(devices=[]):
+        probe = create_mil_model(**model_args)  # validates trainable, pooling, fusion before any write
+    if (
+        model_args["use_image"]
+        and model_args["trainable"] != "all"
+        and not pretrained
+        and not checkpoint_path
+    ):
+        logger.warning(
+            "trainable=%r freezes the backbone %s, but it has no pretrained weights (neither pretrained "
+            "nor checkpoint_path): the model trains on random features",
+            model_args["trainable"],
+            backbone,
         )
     labels, groups = _labels_and_groups(samples)
     splits = patient_kfold(labels, groups, n_splits=folds, n_repeats=repeats, seed=seed)
     keys = [(int(f.repeat), int(f.fold)) for f in splits]
-    scalers = [fit_clinical_scaler(samples, f.train) for f in splits]
+    trainer_kwargs: dict[str, Any] = {
+        "max_epochs": epochs,
+        "lr": lr,
+        "precision": precision,
+        "progress": progress,
+        "device": _device(device),
+        "seed": seed,
+        "class_names": class_names,
+    }
+    if monitor:
+        trainer_kwargs["monitor"] = monitor
+    if patience:
+        trainer_kwargs["patience"] = patience
+    fingerprint = {
+        **prep.to_dict(),
+        "augment": bool(augment),
+        "max_instances": max_instances,
+        "clinical_scaling": "minmax",
+        "data": data_fingerprint(samples),
+    }
+    settings = fold_settings(
+        probe,
+        labels,
+        None if groups is None else np.asarray(groups, dtype=object),
+        n_splits=folds,
+        n_repeats=repeats,
+        seed=seed,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,
+        trainer_kwargs=trainer_kwargs,
+        fingerprint=fingerprint,
+    )
+    del probe
+    out = None if output_dir is None else Path(output_dir)
+    if out is not None:
+        exists, differs = _existing_run(out, settings)
+        if differs is not None and not overwrite:
+            was, now = differs
+            raise ConfigError(
+                f"run folder '{out}' was trained with {was}; now {now}: pass --overwrite (overwrite=True) "
+                "to replace it, or --resume (resume=True) to continue it unchanged"
+            )
+        if resume and not exists:
+            raise ConfigError(f"nothing to resume: '{out}' holds no run (leave out --resume to start one)")
+        if exists and differs is None and not overwrite:
+            logger.info("train_run: continuing the run in %s (same settings)", out)
+    cache = _cache(cache_images)
     data_options: dict[str, Any] = {
         "image_size": prep.image_size,
         "mean": prep.mean,
@@ -1083,97 +1413,104 @@ def train_run(
         train_ds, val_ds, _ = fold_datasets(samples, fold.train, fold.val, **data_options)
         return train_ds, val_ds
 
-    trainer_kwargs: dict[str, Any] = {
-        "max_epochs": check_int(epochs, "epochs", low=1),
-        "lr": lr,
-        "precision": precision,
-        "progress": progress,
-        "device": _device(device),
-        "seed": seed,
-        "class_names": class_names,
-    }
-    if monitor:
-        trainer_kwargs["monitor"] = monitor
-    if patience:
-        trainer_kwargs["patience"] = patience
-    logger.info("cross-validating %s: %d folds", model_args["pooling"], len(splits))
-    result = cross_validate(
-        lambda: create_mil_model(**model_args),
-        make_datasets,
-        labels,
-        groups,
-        n_splits=folds,
-        n_repeats=repeats,
-        seed=seed,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        sampler=sampler,
-        trainer_kwargs=trainer_kwargs,
-        output_dir=None if output_dir is None else Path(output_dir) / "cv",
-        keep_models=True,
-    )
-    models = list(result.models)
-    if len(models) != len(keys):
-        raise CheckpointError(
-            f"cross-validation returned {len(models)} models for {len(keys)} folds; cannot save the run"
+    def train(out: Path | None) -> SavedRun:
+        if out is not None:
+            if overwrite:
+                _clear_run(out)
+            if before_training is not None:
+                before_training(out)
+        if cache is not None:
+            _dataset(
+                samples,
+                None,
+                prep,
+                train=False,
+                augment=False,
+                rotation=0.0,
+                max_instances=None,
+                seed=0,
+                scaler=None,
+                cache=cache,
+            ).preload(  # type: ignore[attr-defined]
+                progress
+            )
+        scalers = [fit_clinical_scaler(samples, f.train) for f in splits]
+        logger.info("cross-validating %s: %d folds", model_args["pooling"], len(splits))
+        result = cross_validate(
+            lambda: create_mil_model(**model_args),
+            make_datasets,
+            labels,
+            groups,
+            n_splits=folds,
+            n_repeats=repeats,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            sampler=sampler,
+            trainer_kwargs=trainer_kwargs,
+            output_dir=None if out is None else out / "cv",
+            keep_models=True,
+            fingerprint=fingerprint,
         )
-    for model in models:
-        model.eval()
-    config = {
-        "backbone": backbone,
-        "pooling": pooling,
-        "fusion": fusion,
-        "inputs": inputs,
-        "pretrained": bool(pretrained),
-        "trainable": trainable,
-        "chunk_size": chunk_size,
-        "folds": folds,
-        "repeats": repeats,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "image_size": prep.image_size,
-        "augment": bool(augment),
-        "max_instances": max_instances,
-        "cache_images": cache is not None,
-        "precision": str(precision),
-        "sampler": sampler,
-        "monitor": monitor,
-        "patience": patience,
-        "num_workers": num_workers,
-    }
-    record = {
-        "format": RUN_FORMAT,
-        "format_version": RUN_FORMAT_VERSION,
-        "milcell_version": milcell.__version__,
-        "data_format": data_format,
-        "class_names": class_names,
-        "clinical_names": clinical_names,
-        **prep.to_dict(),
-        "backbone_data_config": _jsonable(backbone_config),
-        "max_instances": max_instances,
-        "config": _jsonable(config),
-        "summary": {k: list(v) for k, v in result.summary.items()},
-        "models": [{"repeat": r, "fold": k} for r, k in keys],
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    run = SavedRun(record, models, scalers, None, result)
-    if output_dir is not None:
-        save_run(run, output_dir, figures=figures)
-    return run
+        models = list(result.models)
+        if len(models) != len(keys):
+            raise CheckpointError(
+                f"cross-validation returned {len(models)} models for {len(keys)} folds; cannot save the run"
+            )
+        for model in models:
+            model.eval()
+        config = {
+            "backbone": backbone,
+            "pooling": pooling,
+            "fusion": fusion,
+            "inputs": inputs,
+            "pretrained": bool(pretrained),
+            "checkpoint_path": checkpoint_path,
+            "trainable": trainable,
+            "chunk_size": chunk_size,
+            "folds": folds,
+            "repeats": repeats,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "image_size": prep.image_size,
+            "augment": bool(augment),
+            "max_instances": max_instances,
+            "cache_images": cache is not None,
+            "precision": str(precision),
+            "sampler": sampler,
+            "monitor": monitor,
+            "patience": patience,
+            "num_workers": num_workers,
+        }
+        record = {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            "milcell_version": milcell.__version__,
+            "data_format": data_format,
+            "class_names": class_names,
+            "clinical_names": clinical_names,
+            **prep.to_dict(),
+            "backbone_data_config": json_safe(backbone_config),
+            "max_instances": max_instances,
+            "config": json_safe(config),
+            "settings": settings,
+            "data": data_counts,
+            "train_ids": sorted({str(i) for i in result.oof.ids}),
+            "summary": {k: list(v) for k, v in result.summary.items()},
+            "models": [{"repeat": r, "fold": k} for r, k in keys],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        run = SavedRun(record, models, scalers, None, result)
+        if out is not None:
+            save_run(run, out, figures=figures)
+        return run
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    if out is None:
+        return train(None)
+    with folder_lock(out, what="run folder"):
+        return train(out)
 
 
 def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
@@ -1194,10 +1531,19 @@ def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = Tru
     -------
     Path
     """
-    import safetensors.torch
+    from milcell._locks import folder_lock
 
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, what="run folder"):
+        _save_run(run, out, figures)
+    run.path = out
+    logger.info("saved run to %s", out)
+    return out
+
+
+def _save_run(run: SavedRun, out: Path, figures: bool) -> None:
+    import safetensors.torch
+
     entries = []
     keys = [(int(e["repeat"]), int(e["fold"])) for e in run.record["models"]]
     for (repeat, fold), scaler, model in zip(keys, run.scalers, run.models, strict=True):
@@ -1206,8 +1552,15 @@ def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = Tru
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "model.safetensors") as tmp:
             safetensors.torch.save_model(model.cpu(), str(tmp), force_contiguous=True)
+        model_config = getattr(model, "config", None)
+        if isinstance(model_config, Mapping):
+            # The weights are saved: a rebuilt model must not need the backbone's weight file again.
+            model_config = dict(model_config)
+            extra = dict(model_config.get("backbone_kwargs") or {})
+            extra.pop("checkpoint_path", None)
+            model_config["backbone_kwargs"] = extra
         meta = {
-            "model_config": getattr(model, "config", None),
+            "model_config": model_config,
             "clinical_scaler": None if scaler is None else scaler.to_dict(),
             "repeat": repeat,
             "fold": fold,
@@ -1227,39 +1580,27 @@ def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = Tru
         except ImportError as exc:  # matplotlib missing
             logger.warning("figures skipped: %s", exc)
     with atomic_path(out / "run.json") as tmp:
-        tmp.write_text(json.dumps(run.record, indent=2) + "\n", encoding="utf-8")
-    run.path = out
-    logger.info("saved run to %s", out)
-    return out
+        tmp.write_text(json.dumps(json_safe(run.record), indent=2) + "\n", encoding="utf-8")
 
 
 def _write_oof(run: SavedRun, path: Path) -> None:
     oof = run.cv.oof  # type: ignore[union-attr]
     prob = np.asarray(oof.probabilities, dtype=np.float64)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "label", "repeat", "fold", *(f"prob_{c}" for c in run.class_names)])
-        for i, sample_id in enumerate(oof.ids):
-            writer.writerow(
-                [
-                    sample_id,
-                    int(oof.labels[i]),
-                    int(oof.repeat[i]),
-                    int(oof.fold[i]),
-                    *(f"{p:.6f}" for p in prob[i]),
-                ]
-            )
+    rows = [
+        {
+            "id": sample_id,
+            "label": int(oof.labels[i]),
+            "repeat": int(oof.repeat[i]),
+            "fold": int(oof.fold[i]),
+            **{f"prob_{c}": f"{p:.6f}" for c, p in zip(run.class_names, prob[i], strict=True)},
+        }
+        for i, sample_id in enumerate(oof.ids)
+    ]
+    write_dict_csv(rows, path)
 
 
 def _write_folds(run: SavedRun, path: Path) -> None:
-    rows = [dict(r) for r in run.cv.folds]  # type: ignore[union-attr]
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_csv([dict(r) for r in run.cv.folds], path)  # type: ignore[union-attr]
 
 
 def _roc_pairs(run: SavedRun) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -1355,7 +1696,7 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"run record '{record_path}' is unreadable: {exc}") from exc
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or not record.get("models"):
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise CheckpointError(f"run record '{record_path}' is not a milcell run record")
     version = record.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -1365,15 +1706,13 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
             f"run record '{record_path}' has format_version {version}, newer than the "
             f"{RUN_FORMAT_VERSION} this milcell reads; upgrade milcell"
         )
-    missing = [k for k in ("class_names", "image_size", "mean", "std") if k not in record]
-    if missing or not isinstance(record["models"], list):
-        raise CheckpointError(f"run record '{record_path}' lacks {missing or ['a list of models']}")
+    _check_record(record, record_path)
     root = folder.resolve()
     models: list[nn.Module] = []
     scalers: list[ClinicalScaler | None] = []
     for entry in record["models"]:
         # A shared run's record may not point the loader outside the run folder.
-        model_dir = folder / str(entry.get("path", "")) if isinstance(entry, dict) else folder
+        model_dir = folder / entry["path"]
         inside = model_dir.resolve()
         if inside == root or not inside.is_relative_to(root):
             raise CheckpointError(
@@ -1386,12 +1725,94 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"model record '{meta_path}' is unreadable: {exc}") from exc
-        if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-            raise CheckpointError(f"model record '{meta_path}' has no model_config")
-        model = MILModel.from_config(meta["model_config"])
+        _check_keys(meta, meta_path, "model record", _MODEL_SCHEMA, closed=True)
+        try:
+            model = MILModel.from_config(meta["model_config"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"model record '{meta_path}': 'model_config' is invalid: {exc}") from exc
         load_weights(model_dir / "model.safetensors", model)
         model.eval()
         models.append(model)
         scaler = meta.get("clinical_scaler")
-        scalers.append(None if scaler is None else ClinicalScaler.from_dict(scaler))
+        try:
+            scalers.append(None if scaler is None else ClinicalScaler.from_dict(scaler))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"model record '{meta_path}': 'clinical_scaler' is invalid: {exc}") from exc
     return SavedRun(record, models, scalers, folder)
+
+
+_NUMBER = (int, float)
+# key -> (allowed types, required); ``None`` is allowed where the tuple holds type(None).
+_RUN_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format": ((str,), True),
+    "format_version": ((int,), True),
+    "class_names": ((list,), True),
+    "image_size": ((int,), True),
+    "mean": ((list,), True),
+    "std": ((list,), True),
+    "models": ((list,), True),
+    "clinical_names": ((list,), False),
+    "interpolation": ((str,), False),
+    "max_instances": ((int, type(None)), False),
+    "data_format": ((str, type(None)), False),
+    "summary": ((dict,), False),
+    "config": ((dict,), False),
+    "settings": ((dict,), False),
+    "data": ((dict,), False),
+    "train_ids": ((list,), False),
+}
+_MODEL_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model_config": ((dict,), True),
+    "clinical_scaler": ((dict, type(None)), False),
+    "repeat": ((int,), False),
+    "fold": ((int,), False),
+}
+
+
+def _check_keys(
+    record: Any, path: Path, what: str, schema: Mapping[str, tuple[tuple[type, ...], bool]], closed: bool
+) -> None:
+    """Required keys and their types (``closed``: no other key); the message names the file and key."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{what} '{path}' does not hold a JSON object")
+    for key, (types, required) in schema.items():
+        if key not in record:
+            if required:
+                raise CheckpointError(f"{what} '{path}' lacks the key {key!r}")
+            continue
+        value = record[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(
+                f"{what} '{path}': {key!r} must be {names}, got {type(value).__name__} {value!r:.60}"
+            )
+    if closed:
+        unknown = sorted(set(record) - set(schema))
+        if unknown:
+            raise CheckpointError(
+                f"{what} '{path}' has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(schema)}"
+            )
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    _check_keys(record, path, "run record", _RUN_SCHEMA, closed=False)
+    for key in ("class_names", "clinical_names", "train_ids"):
+        if not all(isinstance(v, str) for v in record.get(key) or []):
+            raise CheckpointError(f"run record '{path}': {key!r} must be a list of strings")
+    for key in ("mean", "std"):
+        values = record[key]
+        if not values or not all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in values):
+            raise CheckpointError(
+                f"run record '{path}': {key!r} must be a list of numbers, got {values!r:.60}"
+            )
+    if record["image_size"] < 1:
+        raise CheckpointError(f"run record '{path}': 'image_size' must be >= 1, got {record['image_size']}")
+    if not record["models"]:
+        raise CheckpointError(f"run record '{path}': 'models' is empty")
+    for entry in record["models"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise CheckpointError(f"run record '{path}': model entry {entry!r:.60} has no 'path' string")
+        for key in ("repeat", "fold"):
+            if isinstance(entry.get(key), bool) or not isinstance(entry.get(key, 0), int):
+                raise CheckpointError(f"run record '{path}': model entry {entry!r:.60}: {key!r} must be int")

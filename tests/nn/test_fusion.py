@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from milcell.exceptions import ConfigError, DataError, ShapeError
-from milcell.nn.fusion import ClinicalMLP, FusionOutput, GatedFusion, create_fusion, list_fusions
+from milcell.nn.fusion import (
+    ClinicalMLP,
+    ConcatFusion,
+    FusionOutput,
+    GatedFusion,
+    create_fusion,
+    list_fusions,
+)
+from milcell.nn.pooling import _renamed_kwargs
 
 D, FC, C, B = 6, 3, 3, 4
 MODES = {"both": (True, True), "image": (True, False), "clinical": (False, True)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry() -> None:
@@ -238,3 +240,52 @@ def test_gated_fusion_trains_without_detach() -> None:
     assert acc > 0.9, acc
     # where the image is uninformative the gate hands over to the clinical expert
     assert gate is not None and gate.squeeze(1)[~test[3].bool()].mean() < 0.2
+
+
+def _deprecations(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, DeprecationWarning)]
+
+
+def test_image_dim_is_the_old_spelling_of_in_dim() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        by_factory = create_fusion("concat", image_dim=D, clinical_dim=FC, num_classes=C)
+        by_class = ConcatFusion(image_dim=D, clinical_dim=FC, num_classes=C)
+    assert by_factory.in_dim == by_class.in_dim == D
+    # Each old spelling warns once, naming the new one.
+    expected = ["create_fusion: image_dim= is deprecated, use in_dim="]
+    assert _deprecations(record)[: len(expected)] == expected
+    assert len(_deprecations(record)) == 2
+    with pytest.raises(ConfigError, match=r"create_fusion: pass in_dim= only \(image_dim= is its deprecated"):
+        create_fusion("concat", image_dim=D, in_dim=D, clinical_dim=FC, num_classes=C)
+    with pytest.warns(
+        DeprecationWarning, match=r"ConcatFusion\.image_dim is deprecated, use \.in_dim"
+    ) as rec:
+        assert by_class.image_dim == D
+    assert rec[0].filename == __file__  # the warning points at the caller
+
+
+def test_renamed_keyword_warns_naming_the_new_spelling() -> None:
+    @_renamed_kwargs(old="new")
+    def f(new: int) -> int:
+        return new
+
+    with pytest.warns(DeprecationWarning, match="f: old= is deprecated, use new=") as rec:
+        assert f(old=3) == 3
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert f(new=4) == f(4) == 4
+
+
+def test_fusion_hidden_is_an_int_or_a_tuple() -> None:
+    for name, key in (
+        ("linear", "hidden"),
+        ("concat", "hidden"),
+        ("moe", "combiner_hidden"),
+        ("gated", "gate_hidden"),
+    ):
+        by_int = create_fusion(name, D, 0 if name == "linear" else FC, C, **{key: 7})
+        by_tuple = create_fusion(name, D, 0 if name == "linear" else FC, C, **{key: (7,)})
+        assert str(by_int) == str(by_tuple)
+    assert [m.out_features for m in ClinicalMLP(FC, hidden=5).net if isinstance(m, torch.nn.Linear)] == [5, 2]

@@ -21,6 +21,7 @@ from milcell.exceptions import DataError
 from milcell.nn.fusion import list_fusions
 from milcell.nn.model import MILModel, create_mil_model, mil_loss
 from milcell.nn.pooling import create_pooling, list_poolings
+from tests._factories import make_batch
 
 SYNCING = ("item", "tolist", "__bool__", "__index__", "__int__", "__float__")
 F_DIM, CLIN = 6, 2
@@ -61,35 +62,10 @@ def _prediction_level(name: str) -> bool:
 COMBOS = [(p, f) for p in list_poolings() for f in ([None] if _prediction_level(p) else list_fusions())]
 
 
-def _feature_batch(labels: tuple[int, ...] = (1, 0, -1), sizes: tuple[int, ...] = (3, 1, 5)) -> BagBatch:
-    g = torch.Generator().manual_seed(0)
-    return collate_bags(
-        [
-            Bag(torch.randn(n, F_DIM, generator=g), y, clinical=torch.randn(CLIN, generator=g), id=f"P{i}")
-            for i, (n, y) in enumerate(zip(sizes, labels, strict=True))
-        ]
-    )
-
-
-def _image_batch() -> BagBatch:
-    g = torch.Generator().manual_seed(1)
-    return collate_bags(
-        [
-            Bag(
-                torch.rand(n, 3, 32, 32, generator=g),
-                i % 2,
-                clinical=torch.randn(CLIN, generator=g),
-                id=f"I{i}",
-            )
-            for i, n in enumerate((2, 3))
-        ]
-    )
-
-
 def _feature_model(pooling: str, fusion: str | None) -> MILModel:
     clinical_dim = 0 if fusion == "linear" else CLIN
     return create_mil_model(
-        None, pooling=pooling, fusion=fusion, feature_dim=F_DIM, clinical_dim=clinical_dim
+        None, pooling=pooling, fusion=fusion, in_dim=F_DIM, clinical_dim=clinical_dim
     ).train()
 
 
@@ -120,7 +96,7 @@ def test_the_guard_catches_every_kind_of_host_read() -> None:
 @pytest.mark.parametrize(("pooling", "fusion"), COMBOS, ids=[f"{p}-{f}" for p, f in COMBOS])
 def test_feature_bag_step_without_host_reads(pooling: str, fusion: str | None) -> None:
     model = _feature_model(pooling, fusion)
-    batch = _feature_batch()
+    batch = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1))
     with milcell.checks(False), no_host_reads():
         loss = _step(model, batch, class_weights=[1.0, 2.0])
     assert torch.isfinite(loss)
@@ -130,7 +106,7 @@ def test_feature_bag_step_without_host_reads(pooling: str, fusion: str | None) -
 @pytest.mark.parametrize("fusion", ["concat", "moe", "gated"])
 def test_clinical_only_step_and_soft_labels_without_host_reads(fusion: str) -> None:
     model = create_mil_model(
-        None, pooling="mean", fusion=fusion, feature_dim=F_DIM, clinical_dim=CLIN, use_image=False
+        None, pooling="mean", fusion=fusion, in_dim=F_DIM, clinical_dim=CLIN, use_image=False
     )
     bags = [
         Bag(torch.randn(2, F_DIM), -1, clinical=torch.randn(CLIN), soft_label=torch.tensor([0.3, 0.7])),
@@ -156,7 +132,7 @@ def test_image_backbone_step_without_host_reads(chunking: dict) -> None:
         backbone_kwargs={"width": 4},
         **chunking,
     ).train()
-    batch = _image_batch()
+    batch = make_batch((2, 3), image_size=32, clinical_dim=CLIN, seed=1, prefix="I")
     with milcell.checks(False), no_host_reads():
         loss = _step(model, batch)
     assert torch.isfinite(loss)
@@ -166,7 +142,7 @@ def test_image_backbone_step_without_host_reads(chunking: dict) -> None:
 
 def test_the_decomposition_runs_without_host_reads() -> None:
     model = _feature_model("attention", "concat")
-    batch = _feature_batch()
+    batch = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1))
     with milcell.checks(False), no_host_reads():
         embedding, attention = model.pool(model.encode(batch), batch, return_attention=True)
         logits = model.forward_head(embedding, batch.clinical).logits
@@ -177,7 +153,7 @@ def test_with_checks_on_the_step_reads_values() -> None:
     """The guard is not vacuous: the value checks are exactly what reads tensors on the host."""
     model = _feature_model("mean", "concat")
     with milcell.checks(True), no_host_reads(), pytest.raises(HostSync):
-        _step(model, _feature_batch())
+        _step(model, make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1)))
 
 
 @pytest.mark.parametrize("name", list_poolings())
@@ -204,9 +180,9 @@ def test_masked_garbage_has_no_influence_with_checks_off(name: str) -> None:
 
 def test_value_errors_fire_with_checks_on_and_not_with_checks_off() -> None:
     model = _feature_model("gated_attention", "concat").eval()
-    nan_instances = _feature_batch()
+    nan_instances = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1))
     nan_instances.instances[3, 0] = float("nan")  # the only instance of P1
-    nan_clinical = _feature_batch()
+    nan_clinical = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1))
     nan_clinical.clinical[2, 1] = float("inf")
     with milcell.checks(True):
         with pytest.raises(DataError, match=r"batch.instances holds NaN or inf in bags \['P1'\]"):
@@ -214,20 +190,23 @@ def test_value_errors_fire_with_checks_on_and_not_with_checks_off() -> None:
         with pytest.raises(DataError, match=r"batch.clinical holds NaN or inf for bags \['P2'\]"):
             model(nan_clinical)
         with pytest.raises(DataError, match="no labelled bag"):
-            mil_loss(model(_feature_batch(labels=(-1, -1, -1))), _feature_batch(labels=(-1, -1, -1)))
+            mil_loss(
+                model(make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(-1, -1, -1))),
+                make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(-1, -1, -1)),
+            )
         with pytest.raises(DataError, match="bag 0 of the batch has no real instance"):
             model.pooling(torch.randn(1, 2, F_DIM), torch.zeros(1, 2, dtype=torch.bool))
     with milcell.checks(False):
         assert bool(torch.isnan(model(nan_instances).logits[1]).all())
         assert bool(torch.isfinite(model(nan_instances).logits[[0, 2]]).all())
-        unlabelled = _feature_batch(labels=(-1, -1, -1))
+        unlabelled = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(-1, -1, -1))
         assert mil_loss(model(unlabelled), unlabelled).item() == 0.0  # no labelled bag: no loss, no NaN
 
 
 def test_bags_without_instances_are_refused_in_both_modes() -> None:
     """The sizes are on the host, so this check costs nothing and always runs."""
     model = _feature_model("mean", "linear")
-    good = _feature_batch()
+    good = make_batch((3, 1, 5), dim=F_DIM, clinical_dim=CLIN, labels=(1, 0, -1))
     bad = BagBatch(good.instances[:4], torch.tensor([4, 0, 0]), good.labels, good.clinical, good.ids)
     for on in (True, False):
         with milcell.checks(on), pytest.raises(DataError, match=r"bags \['P1', 'P2'\] have no instance"):

@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from milcell.data.bag import Bag, BagBatch, collate_bags
+from milcell.data.bag import Bag, collate_bags
 from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.nn.fusion import create_fusion, list_fusions
 from milcell.nn.model import MILModel, MILOutput, create_mil_model, mil_loss
 from milcell.nn.pooling import create_pooling, list_poolings
+from tests._factories import make_batch
 
 EMBEDDING_POOLINGS = ["mean", "max", "lse", "attention", "gated_attention", "conv"]
 FUSIONS = ["linear", "concat", "moe", "gated"]
-
-
-def _image_batch(sizes: tuple[int, ...] = (3, 1, 4), clinical_dim: int = 2, px: int = 32) -> BagBatch:
-    g = torch.Generator().manual_seed(0)
-    bags = [
-        Bag(
-            torch.rand(n, 3, px, px, generator=g),
-            label=i % 2,
-            clinical=torch.randn(clinical_dim, generator=g) if clinical_dim else None,
-            id=f"P{i}",
-        )
-        for i, n in enumerate(sizes)
-    ]
-    return collate_bags(bags)
-
-
-def _feature_batch(
-    sizes: tuple[int, ...] = (3, 1, 4), dim: int = 6, labels: tuple[int, ...] | None = None
-) -> BagBatch:
-    g = torch.Generator().manual_seed(1)
-    labels = labels or tuple(i % 2 for i in range(len(sizes)))
-    return collate_bags(
-        [
-            Bag(torch.randn(n, dim, generator=g), label=y, id=f"F{i}")
-            for i, (n, y) in enumerate(zip(sizes, labels, strict=True))
-        ]
-    )
 
 
 def test_the_expected_pooling_and_fusion_names_exist() -> None:
@@ -57,7 +32,7 @@ def test_pooling_fusion_cross_product_on_mini_resnet(pooling: str, fusion: str) 
     model = create_mil_model(
         "milcell_mini_resnet_k8", pooling=pooling, fusion=fusion, clinical_dim=clinical_dim, chunk_size=4
     ).eval()
-    batch = _image_batch(clinical_dim=clinical_dim)
+    batch = make_batch((3, 1, 4), image_size=32, clinical_dim=clinical_dim)
     out = model(batch)
     assert isinstance(out, MILOutput)
     assert out.logits.shape == (3, 2) and torch.isfinite(out.logits).all()
@@ -77,8 +52,8 @@ def test_prediction_level_pooling_with_clinical() -> None:
     model = create_mil_model(
         "milcell_mini_resnet_k8", pooling="instance_mean", clinical_dim=2, pooling_kwargs={"hidden": [8]}
     ).eval()
-    assert model.head is None and model.needs_clinical
-    batch = _image_batch()
+    assert model.head is None and model.use_clinical
+    batch = make_batch((3, 1, 4), image_size=32, clinical_dim=2)
     out = model(batch)
     assert out.logits.shape == (3, 2) and out.instance_logits.shape == (3, 4, 2)
     torch.testing.assert_close(out.logits.exp().sum(dim=1), torch.ones(3))
@@ -86,22 +61,22 @@ def test_prediction_level_pooling_with_clinical() -> None:
     probs = out.instance_logits.softmax(-1)[0, :3].mean(0)
     torch.testing.assert_close(out.logits[0].exp(), probs)
     with pytest.raises(ShapeError, match="clinical"):
-        model(_image_batch(clinical_dim=0))
+        model(make_batch((3, 1, 4), image_size=32))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_backbone_presets_in_a_model(name: str) -> None:
     model = create_mil_model(name, pooling="attention", fusion="linear", trainable=2, chunk_size=3).eval()
-    out = model(_image_batch(sizes=(2, 3), clinical_dim=0))
+    out = model(make_batch((2, 3), image_size=32))
     assert out.logits.shape == (2, 2)
     assert out.embedding.shape[1] == model.encoder.num_features
 
 
 def test_feature_bag_model() -> None:
-    model = create_mil_model(None, pooling="gated_attention", fusion="linear", feature_dim=6)
+    model = create_mil_model(None, pooling="gated_attention", fusion="linear", in_dim=6)
     assert model.encoder is None
-    batch = _feature_batch()
+    batch = make_batch((3, 1, 4), dim=6, seed=1, prefix="F")
     out = model(batch)
     assert out.logits.shape == (3, 2)
     mil_loss(out, batch).backward()
@@ -109,8 +84,8 @@ def test_feature_bag_model() -> None:
 
 
 def test_five_classes_with_mean_pooling() -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=6, num_classes=5)
-    batch = _feature_batch(sizes=(2, 2, 1, 5, 3), labels=(0, 1, 2, 3, 4))
+    model = create_mil_model(None, pooling="mean", in_dim=6, num_classes=5)
+    batch = make_batch((2, 2, 1, 5, 3), dim=6, labels=(0, 1, 2, 3, 4), seed=1, prefix="F")
     out = model(batch)
     assert out.logits.shape == (5, 5)
     assert mil_loss(out, batch, class_weights=[1.0, 2.0, 1.0, 0.5, 1.0]).ndim == 0
@@ -134,7 +109,7 @@ def test_chunked_model_equals_unchunked() -> None:
     plain = create_mil_model("milcell_mini_resnet_k8", **kwargs).double()
     torch.manual_seed(3)
     chunked = create_mil_model("milcell_mini_resnet_k8", chunk_size=2, checkpointing=True, **kwargs).double()
-    batch = _image_batch(clinical_dim=0).to("cpu", dtype=torch.float64)
+    batch = make_batch((3, 1, 4), image_size=32).to("cpu", dtype=torch.float64)
     grads = []
     for model in (plain, chunked):
         out = model(batch)
@@ -146,10 +121,8 @@ def test_chunked_model_equals_unchunked() -> None:
 
 
 def test_clinical_only_ablation_skips_the_images() -> None:
-    model = create_mil_model(
-        None, pooling="mean", fusion="moe", feature_dim=6, clinical_dim=2, use_image=False
-    )
-    assert not model.uses_image
+    model = create_mil_model(None, pooling="mean", fusion="moe", in_dim=6, clinical_dim=2, use_image=False)
+    assert not model.use_image
     batch = collate_bags([Bag(torch.full((2, 6), float("nan")), 1, clinical=torch.randn(2))])
     out = model(batch)  # NaN instances are never read
     assert out.logits.shape == (1, 2) and set(out.experts) == {"clinical"}
@@ -157,10 +130,10 @@ def test_clinical_only_ablation_skips_the_images() -> None:
 
 def test_image_only_switch_ignores_clinical() -> None:
     model = create_mil_model(
-        None, pooling="mean", fusion="concat", feature_dim=6, clinical_dim=2, use_clinical=False
+        None, pooling="mean", fusion="concat", in_dim=6, clinical_dim=2, use_clinical=False
     )
-    assert not model.needs_clinical
-    assert model(_feature_batch()).logits.shape == (3, 2)
+    assert not model.use_clinical
+    assert model(make_batch((3, 1, 4), dim=6, seed=1, prefix="F")).logits.shape == (3, 2)
 
 
 def test_config_is_json_and_rebuilds_the_model() -> None:
@@ -177,7 +150,7 @@ def test_config_is_json_and_rebuilds_the_model() -> None:
     rebuilt = MILModel.from_config(json.loads(text))
     assert rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())
-    batch = _image_batch()
+    batch = make_batch((3, 1, 4), image_size=32, clinical_dim=2)
     torch.testing.assert_close(rebuilt.eval()(batch).logits, model.eval()(batch).logits)
 
 
@@ -199,9 +172,9 @@ def test_composed_model_and_its_checks() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"backbone": None}, "feature_dim is required"),
-        ({"backbone": None, "feature_dim": 0}, "feature_dim"),
-        ({"feature_dim": 10}, "feature_dim=10"),
+        ({"backbone": None}, "in_dim is required"),
+        ({"backbone": None, "in_dim": 0}, "in_dim"),
+        ({"in_dim": 10}, "in_dim=10"),
         ({"num_classes": 1}, "num_classes"),
         ({"clinical_dim": -1}, "clinical_dim"),
         ({"pooling": "instance_mean", "fusion": "moe"}, "prediction-level"),
@@ -221,31 +194,31 @@ def test_bad_builder_arguments(kwargs: dict, match: str) -> None:
 def test_input_validation() -> None:
     image_model = create_mil_model("milcell_mini_resnet_k8", fusion="concat", clinical_dim=2).eval()
     with pytest.raises(ShapeError, match=r"batch.instances must be images \(T, C, H, W\)"):
-        image_model(_feature_batch())
+        image_model(make_batch((3, 1, 4), dim=6, seed=1, prefix="F"))
     gray = collate_bags([Bag(torch.rand(2, 1, 32, 32), 0, clinical=torch.zeros(2))])
     with pytest.raises(ShapeError, match="instances has 1 channels"):
         image_model(gray)
     with pytest.raises(ShapeError, match="batch.clinical is missing"):
-        image_model(_image_batch(clinical_dim=0))
+        image_model(make_batch((3, 1, 4), image_size=32))
     with pytest.raises(ShapeError, match=r"batch.clinical must have shape \(B, 2\)"):
-        image_model(_image_batch(clinical_dim=3))
-    nan_clinical = _image_batch()
+        image_model(make_batch((3, 1, 4), image_size=32, clinical_dim=3))
+    nan_clinical = make_batch((3, 1, 4), image_size=32, clinical_dim=2)
     nan_clinical.clinical[1, 0] = float("nan")
     with pytest.raises(DataError, match=r"NaN or inf for bags \['P1'\]"):
         image_model(nan_clinical)
-    nan_image = _image_batch()
+    nan_image = make_batch((3, 1, 4), image_size=32, clinical_dim=2)
     nan_image.instances[3, 0, 0, 0] = float("inf")
     with pytest.raises(DataError, match=r"batch.instances holds NaN or inf in bags \['P1'\]"):
         image_model(nan_image)
     with pytest.raises(ShapeError, match="BagBatch"):
         image_model(torch.rand(2, 3, 32, 32))
 
-    feature_model = create_mil_model(None, pooling="mean", feature_dim=6)
+    feature_model = create_mil_model(None, pooling="mean", in_dim=6)
     with pytest.raises(ShapeError, match=r"feature size 5 but the model expects 6"):
-        feature_model(_feature_batch(dim=5))
+        feature_model(make_batch((3, 1, 4), dim=5, seed=1, prefix="F"))
     with pytest.raises(ShapeError, match=r"features \(T, D\)"):
-        feature_model(_image_batch(clinical_dim=0))
-    bad = _feature_batch()
+        feature_model(make_batch((3, 1, 4), image_size=32))
+    bad = make_batch((3, 1, 4), dim=6, seed=1, prefix="F")
     bad.instances[0, 0] = float("nan")
     with pytest.raises(DataError, match="F0"):
         feature_model(bad)
@@ -261,7 +234,7 @@ def _out(logits: list[list[float]], experts: dict | None = None) -> MILOutput:
 
 
 def test_loss_ignores_unlabelled_and_uses_class_weights() -> None:
-    batch = _feature_batch(sizes=(1, 1, 1), labels=(0, -1, 1))
+    batch = make_batch((1, 1, 1), dim=6, labels=(0, -1, 1), seed=1, prefix="F")
     out = _out([[1.0, 0.0], [9.0, -9.0], [0.5, 0.2]])
     expected = F.cross_entropy(out.logits[[0, 2]], torch.tensor([0, 1]))
     torch.testing.assert_close(mil_loss(out, batch), expected)
@@ -294,7 +267,7 @@ def test_loss_with_soft_labels() -> None:
 
 
 def test_loss_adds_expert_terms() -> None:
-    batch = _feature_batch(sizes=(1, 1), labels=(1, 0))
+    batch = make_batch((1, 1), dim=6, labels=(1, 0), seed=1, prefix="F")
     experts = {
         "image": torch.tensor([[0.0, 2.0], [1.0, 1.0]]),
         "clinical": torch.tensor([[3.0, 0.0], [0.0, 0.0]]),
@@ -313,7 +286,7 @@ def test_detached_moe_experts_train_through_the_auxiliary_loss() -> None:
         None,
         pooling="mean",
         fusion="moe",
-        feature_dim=6,
+        in_dim=6,
         clinical_dim=2,
         fusion_kwargs={"detach_experts": True},
     )
@@ -330,16 +303,16 @@ def test_detached_moe_experts_train_through_the_auxiliary_loss() -> None:
 
 
 def test_loss_errors() -> None:
-    batch = _feature_batch(sizes=(1, 1), labels=(-1, -1))
+    batch = make_batch((1, 1), dim=6, labels=(-1, -1), seed=1, prefix="F")
     with pytest.raises(DataError, match="no labelled bag"):
         mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), batch)
-    labelled = _feature_batch(sizes=(1, 1), labels=(0, 1))
+    labelled = make_batch((1, 1), dim=6, labels=(0, 1), seed=1, prefix="F")
     with pytest.raises(ConfigError, match=r"class_weights must have shape \(2,\)"):
         mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), labelled, class_weights=[1.0, 2.0, 3.0])
     with pytest.raises(ConfigError, match="class_weights must be finite"):
         mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), labelled, class_weights=[1.0, -1.0])
     with pytest.raises(DataError, match="out of range"):
-        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), _feature_batch(sizes=(1, 1), labels=(0, 2)))
+        mil_loss(_out([[0.0, 0.0], [0.0, 0.0]]), make_batch((1, 1), dim=6, labels=(0, 2), seed=1, prefix="F"))
     with pytest.raises(ShapeError, match="logits"):
         mil_loss(_out([[0.0, 0.0]]), labelled)
 
@@ -380,7 +353,7 @@ def test_forward_is_head_of_pool_of_encode(
         backbone,
         pooling=pooling,
         fusion=fusion,
-        feature_dim=6 if backbone is None else None,
+        in_dim=6 if backbone is None else None,
         clinical_dim=clinical_dim,
     ).eval()
     if backbone is None:
@@ -389,10 +362,10 @@ def test_forward_is_head_of_pool_of_encode(
             [Bag(torch.randn(n, 6, generator=g), 1, clinical=torch.randn(2, generator=g)) for n in (2, 5, 1)]
         )
     else:
-        batch = _image_batch(clinical_dim=clinical_dim)
+        batch = make_batch((3, 1, 4), image_size=32, clinical_dim=clinical_dim)
     out = model(batch)
     features = model.encode(batch)
-    assert features.shape == (batch.num_instances, model.feature_dim)
+    assert features.shape == (batch.num_instances, model.in_dim)
     embedding, attention = model.pool(features, batch, return_attention=True)
     torch.testing.assert_close(model.pool(features, batch), embedding)
     fused = model.forward_head(embedding, batch.clinical)
@@ -405,23 +378,21 @@ def test_forward_is_head_of_pool_of_encode(
 
 
 def test_clinical_only_forward_head_without_embedding() -> None:
-    model = create_mil_model(
-        None, pooling="mean", fusion="concat", feature_dim=6, clinical_dim=2, use_image=False
-    )
+    model = create_mil_model(None, pooling="mean", fusion="concat", in_dim=6, clinical_dim=2, use_image=False)
     batch = collate_bags([Bag(torch.randn(2, 6), 1, clinical=torch.randn(2))])
     torch.testing.assert_close(model.forward_head(None, batch.clinical).logits, model(batch).logits)
 
 
 def test_decomposition_errors() -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=6)
-    batch = _feature_batch()
+    model = create_mil_model(None, pooling="mean", in_dim=6)
+    batch = make_batch((3, 1, 4), dim=6, seed=1, prefix="F")
     with pytest.raises(ShapeError, match=r"MILModel.pool: features must have shape \(T, D\) with T = 8"):
         model.pool(torch.randn(7, 6), batch)
     with pytest.raises(ShapeError, match="BagBatch or a Tensor"):
         model.encode([[1.0]])  # type: ignore[arg-type]
     with pytest.raises(ShapeError, match="BagBatch"):
         model.pool(torch.randn(8, 6), batch.instances)  # type: ignore[arg-type]
-    prediction = create_mil_model(None, pooling="instance_mean", feature_dim=6)
+    prediction = create_mil_model(None, pooling="instance_mean", in_dim=6)
     with pytest.raises(ShapeError, match="needs the embedding"):
         prediction.forward_head(None)
 
@@ -446,10 +417,10 @@ def test_prediction_level_is_read_from_the_pooling_not_its_name() -> None:
     register_pooling("instance_mean_renamed_for_test")(Renamed)
     try:
         model = create_mil_model(
-            None, pooling="instance_mean_renamed_for_test", feature_dim=6, num_classes=4, clinical_dim=2
+            None, pooling="instance_mean_renamed_for_test", in_dim=6, num_classes=4, clinical_dim=2
         )
         assert model.head is None and model.prediction_level and model.num_classes == 4
-        assert model.pooling.clinical_dim == 2 and model.needs_clinical
+        assert model.pooling.clinical_dim == 2 and model.use_clinical
         out = model(collate_bags([Bag(torch.randn(3, 6), 3, clinical=torch.randn(2))]))
         assert out.logits.shape == (1, 4) and out.instance_logits.shape == (1, 3, 4)
     finally:
@@ -457,7 +428,7 @@ def test_prediction_level_is_read_from_the_pooling_not_its_name() -> None:
 
 
 def test_loss_class_weights_on_the_host_and_expert_weight() -> None:
-    batch = _feature_batch(sizes=(1, 1, 1), labels=(0, -1, 1))
+    batch = make_batch((1, 1, 1), dim=6, labels=(0, -1, 1), seed=1, prefix="F")
     out = _out([[1.0, 0.0], [9.0, -9.0], [0.5, 0.2]])
     reference = mil_loss(out, batch, class_weights=[1.0, 3.0])
     for weights in (torch.tensor([1.0, 3.0]), (1, 3), __import__("numpy").array([1.0, 3.0])):
@@ -468,3 +439,31 @@ def test_loss_class_weights_on_the_host_and_expert_weight() -> None:
         mil_loss(out, batch, class_weights=["a", "b"])
     with pytest.raises(ConfigError, match="expert_weight must be a finite number >= 0.0, got -1.0"):
         mil_loss(out, batch, expert_weight=-1.0)
+
+
+def test_old_spellings_of_the_model_names() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        old = create_mil_model(None, pooling="mean", fusion="concat", feature_dim=6, clinical_dim=2)
+        needs = old.needs_clinical
+    # feature_dim= and needs_clinical each warn once, naming the new spelling
+    messages = [str(w.message) for w in record if issubclass(w.category, DeprecationWarning)]
+    assert len(messages) == 2
+    assert "in_dim" in messages[0] and "use_clinical" in messages[1]
+    new = create_mil_model(None, pooling="mean", fusion="concat", in_dim=6, clinical_dim=2)
+    assert old.config == new.config and old.config["in_dim"] == 6 and "feature_dim" not in old.config
+    assert needs is new.use_clinical is True
+    with pytest.raises(ConfigError, match=r"create_mil_model: pass in_dim= only \(feature_dim="):
+        create_mil_model(None, pooling="mean", in_dim=6, feature_dim=6)
+    with pytest.warns(DeprecationWarning, match=r"MILModel\.feature_dim is deprecated, use \.in_dim"):
+        assert new.feature_dim == 6
+    with pytest.warns(DeprecationWarning, match=r"MILModel\.uses_image is deprecated, use \.use_image"):
+        assert new.uses_image is True
+
+
+def test_a_config_saved_before_the_rename_loads_without_warning() -> None:
+    config = create_mil_model(None, pooling="mean", in_dim=6).config
+    saved = {("feature_dim" if k == "in_dim" else k): v for k, v in config.items()}  # a run.json of 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MILModel.from_config(saved).config == config

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,13 +26,7 @@ GARBAGE = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30)
 CLINICAL_DIM = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
@@ -389,15 +382,15 @@ def test_instance_mean_2021_architecture_and_flags() -> None:
     linears = [(m.in_features, m.out_features) for m in pool.classifier if isinstance(m, torch.nn.Linear)]
     assert linears == [(514, 1000), (1000, 500), (500, 100), (100, 2)]
     assert sum(isinstance(m, torch.nn.Dropout) for m in pool.classifier) == 3
-    assert pool.prediction_level and pool.uses_clinical and pool.out_dim == 2
+    assert pool.prediction_level and pool.use_clinical and pool.out_dim == 2
     plain = create_pooling("instance_mean", 8)
-    assert not plain.uses_clinical and [type(m) for m in plain.classifier] == [torch.nn.Linear]
+    assert not plain.use_clinical and [type(m) for m in plain.classifier] == [torch.nn.Linear]
     assert plain(
         torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), clinical=torch.randn(1, 5)
     ).shape == (1, 2)
     for name in NAMES[:-1]:
         p = create_pooling(name, 4)
-        assert not p.prediction_level and not p.uses_clinical
+        assert not p.prediction_level and not p.use_clinical
 
 
 def test_instance_mean_clinical_validation() -> None:
@@ -421,3 +414,38 @@ def test_follows_input_dtype_float64() -> None:
         pool = create_pooling(name, 4).double()
         emb, w = pool(x, mask, return_attention=True)
         assert emb.dtype == torch.float64 and w.dtype == torch.float32
+
+
+def test_uses_clinical_is_a_deprecated_spelling_of_use_clinical() -> None:
+    pool = create_pooling("instance_mean", 4, clinical_dim=2)
+    with pytest.warns(
+        DeprecationWarning, match=r"InstanceMeanPooling\.uses_clinical is deprecated, use \.use_clinical"
+    ):
+        assert pool.uses_clinical is True
+    with pytest.warns(DeprecationWarning, match=r"use \.use_clinical"):
+        pool.uses_clinical = False
+    assert pool.use_clinical is False
+    with pytest.warns(DeprecationWarning, match="define use_clinical instead"):
+
+        class OldStyle(MILPooling):  # a pooling written for the old attribute name
+            uses_clinical = True
+
+    assert OldStyle.use_clinical is True and OldStyle(3).use_clinical is True
+    assert MILPooling.use_clinical is False
+
+
+def test_hidden_is_an_int_or_a_tuple_everywhere() -> None:
+    for name in ("attention", "gated_attention"):
+        assert create_pooling(name, 8, hidden=(16,)).hidden == create_pooling(name, 8, hidden=16).hidden == 16
+        with pytest.raises(
+            ConfigError, match=r"hidden must be an integer >= 1 \(or a tuple of one\), got \(16, 8\)"
+        ):
+            create_pooling(name, 8, hidden=(16, 8))
+        with pytest.raises(ConfigError, match="hidden must be an integer >= 1"):
+            create_pooling(name, 8, hidden=(0,))
+    assert create_pooling("instance_mean", 8, hidden=16).hidden == (16,)
+    assert create_pooling("instance_mean", 8, hidden=[16, 4]).hidden == (16, 4)
+    with pytest.raises(
+        ConfigError, match=r"hidden must be an integer >= 1 or a tuple of integers >= 1, got 'x'"
+    ):
+        create_pooling("instance_mean", 8, hidden="x")

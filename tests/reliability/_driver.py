@@ -3,7 +3,7 @@
 Not a test module (its name does not start with ``test_``). Usage::
 
     python _driver.py train --out DIR --epochs 3 [--resume] [--pause-at E:B --marker FILE]
-                            [--kill-write FILE:DIR:N] [--always-improve]
+                            [--kill-write FILE:DIR:N] [--kill-at STEP:DIR:N] [--always-improve]
     python _driver.py cv --out DIR [--pause-at E:B --marker FILE --pause-fold K]
 
 ``train`` fits a tiny feature-bag MILModel (gated attention with dropout, shuffled
@@ -21,6 +21,10 @@ Faults:
     On the ``N``-th checkpoint save into ``checkpoints/DIR`` (``last`` or ``best``),
     write only half of ``FILE`` (``state`` = training_state.pt, ``weights`` =
     model.safetensors), then SIGKILL the process itself.
+``--kill-at STEP:DIR:N``
+    On the ``N``-th checkpoint save into ``checkpoints/DIR``, SIGKILL the process
+    right after publish step ``STEP`` (a name passed to
+    ``milcell.train.checkpoint._reached``, e.g. ``committed``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def dataset(n: int = 16) -> FeatureBagDataset:
 
 def build_model() -> torch.nn.Module:
     return create_mil_model(
-        None, pooling="gated_attention", feature_dim=D, pooling_kwargs={"hidden": 8, "dropout": 0.3}
+        None, pooling="gated_attention", in_dim=D, pooling_kwargs={"hidden": 8, "dropout": 0.3}
     )
 
 
@@ -85,7 +89,7 @@ def install_write_kill(spec: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def counted(filename: Any, kind: str) -> bool:
-        parent = Path(filename).parent.name
+        parent = Path(filename).parent.parent.name  # checkpoints/DIR/<version folder>/FILE
         if kind == "state":  # the first file of every checkpoint save
             counts[parent] = counts.get(parent, 0) + 1
         return kind == which and parent == folder and counts.get(parent, 0) == int(nth)
@@ -102,6 +106,22 @@ def install_write_kill(spec: str) -> None:
 
     torch.save = torch_save  # type: ignore[assignment]
     safetensors.torch.save_model = save_model
+
+
+def install_step_kill(spec: str) -> None:
+    """SIGKILL the process right after publish step ``STEP`` of the ``N``-th save into ``checkpoints/DIR``."""
+    from milcell.train import checkpoint
+
+    step, folder, nth = spec.split(":")
+    counts: dict[str, int] = {}
+
+    def reached(name: str, directory: Path) -> None:
+        if name == "version folder created":  # the first step of every save
+            counts[directory.name] = counts.get(directory.name, 0) + 1
+        if name == step and directory.name == folder and counts.get(folder, 0) == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint._reached = reached  # type: ignore[assignment]
 
 
 def train(args: argparse.Namespace) -> None:
@@ -183,10 +203,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--pause-fold", type=int, default=1)
     parser.add_argument("--marker")
     parser.add_argument("--kill-write")
+    parser.add_argument("--kill-at")
     parser.add_argument("--always-improve", action="store_true")
     args = parser.parse_args(argv)
     if args.kill_write:
         install_write_kill(args.kill_write)
+    if args.kill_at:
+        install_step_kill(args.kill_at)
     train(args) if args.mode == "train" else cv(args)
 
 

@@ -116,6 +116,14 @@ def paths(cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     weights.write_bytes(weights.read_bytes()[:100])
     no_cfg = _fake_run(runs / "no_cfg", "dlmi", ["reactive", "malignant"], [], cohorts["dlmi"])
     (no_cfg / "config.yaml").unlink()
+    no_format = _fake_run(runs / "no_format", "dlmi", ["reactive", "malignant"], [], cohorts["dlmi"])
+    record = json.loads((no_format / "run.json").read_text())
+    del record["data_format"]
+    (no_format / "run.json").write_text(json.dumps(record))
+    odd_meta = _fake_run(runs / "odd_meta", "dlmi", ["reactive", "malignant"], [], cohorts["dlmi"])
+    meta = json.loads((odd_meta / "models" / "fold_0_0" / "model.json").read_text())
+    meta["model_config"]["wings"] = 2
+    (odd_meta / "models" / "fold_0_0" / "model.json").write_text(json.dumps(meta))
     # configuration files with malformed values
     cfg = tmp / "cfg"
     cfg.mkdir()
@@ -127,6 +135,8 @@ def paths(cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         "inf_lr": "lr: .inf\n",
         "neg_workers": "num-workers: -2\n",
         "list_backbone": "backbone: [resnet18]\n",
+        "int_data_dir": "data-dir: 123\nformat: dlmi\n",
+        "int_monitor": "monitor: 5\n",
     }
     for name, text in files.items():
         (cfg / (name + (".json" if text.startswith("{") else ".yaml"))).write_text(text)
@@ -144,13 +154,16 @@ def paths(cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         "no_model": str(no_model),
         "truncated": str(truncated),
         "no_cfg": str(no_cfg),
+        "no_format": str(no_format),
+        "odd_meta": str(odd_meta),
         "cfg": str(cfg),
     }
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # Warnings may come first (they reach stderr by default); the error is one line, the last.
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("milcell: warning: ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("milcell: error: "), err
     return lines[0]
@@ -218,6 +231,13 @@ BAD = [
     (["train", "--config", "{cfg}/latin1.yaml"], "latin1.yaml' is not UTF-8 text"),
     (["train", "--config", "{cfg}/precision.yaml"], "nowhere' does not exist"),  # `precision: 32` is fine
     (["train", "extra"], "unrecognized arguments: extra"),
+    # Regression: these gave tracebacks with exit status 1.
+    (
+        ["train", "--config", "{cfg}/int_data_dir.yaml"],
+        "'data-dir' (--data-dir) must be a string, got int 123",
+    ),
+    (["train", "--config", "{cfg}/int_monitor.yaml"], "'monitor' (--monitor) must be a string, got int 5"),
+    ([*TRAIN, "--monitor", "auc"], "monitor must name an epoch-log key starting with 'val_'"),
     # ---- evaluate / predict
     (["evaluate", "--run", "{tmp}/absent"], "run folder '{tmp}/absent' does not exist"),
     (["evaluate", "--run", "{tmp}/afile"], "has no run.json"),
@@ -232,6 +252,8 @@ BAD = [
     (["evaluate", "--run", "{no_model}"], "model.json' is missing"),
     (["predict", "--run", "{truncated}"], "model.safetensors"),
     (["predict", "--run", "{no_cfg}"], "--data-dir is required"),
+    (["predict", "--run", "{no_format}"], "run.json' has no 'data_format'"),
+    (["evaluate", "--run", "{odd_meta}"], "model.json': 'model_config' is invalid"),
     (["predict", "--run", "{if_run}", "--data-dir", "{dlmi}", "--no-progress"], "are not in class_names"),
     (["predict", "--run", "{dlmi_run}", "--data-dir", "{cnmc}", "--no-progress"], "missing split folder"),
     (["predict", "--run", "{dlmi_run}", "--data-dir", "{tmp}/absent"], "does not exist"),

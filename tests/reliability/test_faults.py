@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from milcell.data import Bag
 from milcell.exceptions import CheckpointError
 from milcell.nn.backbones import create_backbone
 from milcell.train import Trainer
-from milcell.train.checkpoint import load_checkpoint, load_weights
+from milcell.train.checkpoint import checkpoint_file, load_checkpoint, load_weights
 from milcell.train.crossval import cross_validate, feature_subset
 from milcell.train.distributed import make_loader
 from milcell.train.features import FEATURES_NAME, MANIFEST_NAME, extract_features
@@ -87,7 +88,13 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _stale(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob(".*.tmp"))
+    """Files of ``folder`` that the checkpoint it records does not use (left by a killed writer)."""
+    current = checkpoint_file(folder).parent.name
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".milcell.lock" and p.parent != folder and p.parent.name != current
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +129,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     _assert_same_weights(tmp_path / "final.safetensors", ref / "final.safetensors")
     for name in ("last", "best"):
         _assert_same_weights(
-            tmp_path / "run" / "checkpoints" / name / "model.safetensors",
-            ref / "run" / "checkpoints" / name / "model.safetensors",
+            checkpoint_file(tmp_path / "run" / "checkpoints" / name),
+            checkpoint_file(ref / "run" / "checkpoints" / name),
         )
     metrics = (tmp_path / "run" / "metrics.csv").read_text()
     assert metrics == (ref / "run" / "metrics.csv").read_text()
@@ -169,10 +176,52 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     _assert_same_weights(tmp_path / "final.safetensors", ref / "final.safetensors")
     for name in ("last", "best"):
         _assert_same_weights(
-            ckpts / name / "model.safetensors", ref / "run" / "checkpoints" / name / "model.safetensors"
+            checkpoint_file(ckpts / name), checkpoint_file(ref / "run" / "checkpoints" / name)
         )
     assert (tmp_path / "run" / "metrics.csv").read_text() == (ref / "run" / "metrics.csv").read_text()
     assert _stale(ckpts / "last") == [] and _stale(ckpts / "best") == []  # cleaned by the next save
+
+
+PUBLISH_STEPS = [
+    "version folder created",
+    "state written",
+    "weights written",
+    "version written",
+    "committed",
+    "cleaned",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec",
+    [f"{step}:last:2" for step in PUBLISH_STEPS] + ["version written:best:2", "committed:best:2"],
+)
+def test_sigkill_at_every_step_of_a_checkpoint_publish_leaves_a_resumable_run(
+    spec: str, tmp_path: Path, reference: dict[str, Path]
+) -> None:
+    # Before the single commit point, a kill between the three renames left ``last`` with files of
+    # two epochs: unresumable.
+    proc = _spawn("train", "--out", str(tmp_path), "--epochs", "2", "--always-improve", "--kill-at", spec)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == KILLED, out.decode()
+    step, folder, _ = spec.split(":")
+    ckpts = tmp_path / "run" / "checkpoints"
+    committed = PUBLISH_STEPS.index(step) >= PUBLISH_STEPS.index("committed")
+    last = load_checkpoint(ckpts / "last", _driver.build_model())
+    best = load_checkpoint(ckpts / "best", _driver.build_model())
+    assert last.epoch == (2 if committed and folder == "last" else 1)
+    assert best.epoch == (1 if folder == "best" and not committed else 2)
+    assert best.epoch >= last.state["trainer"]["best_epoch"]
+
+    _in_process("train", "--out", str(tmp_path), "--epochs", "2", "--always-improve", "--resume")
+    ref = reference["improve"]
+    _assert_same_weights(tmp_path / "final.safetensors", ref / "final.safetensors")
+    for name in ("last", "best"):
+        _assert_same_weights(
+            checkpoint_file(ckpts / name), checkpoint_file(ref / "run" / "checkpoints" / name)
+        )
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (ref / "run" / "metrics.csv").read_text()
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -247,12 +296,11 @@ def test_corrupt_checkpoint_file_on_resume_names_it(
     name: str, how: str, saved_run: Path, tmp_path: Path
 ) -> None:
     ckpt = tmp_path / "last"
-    ckpt.mkdir()
-    for f in saved_run.iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
-    _corrupt(ckpt / name, how)
+    shutil.copytree(saved_run, ckpt)
+    file = checkpoint_file(ckpt, name)
+    _corrupt(file, how)
     trainer = Trainer(_driver.build_model(), max_epochs=2, progress=False)
-    with pytest.raises(CheckpointError, match=rf"{ckpt / name}\b.*(truncated|corrupt|unreadable)"):
+    with pytest.raises(CheckpointError, match=rf"{file}\b.*(truncated|corrupt|unreadable)"):
         trainer.fit(make_loader(_driver.dataset(8), 4, shuffle=True), resume_from=ckpt)
 
 
@@ -261,7 +309,7 @@ def test_corrupt_weights_file_names_it_in_every_weights_loader(
     how: str, saved_run: Path, tmp_path: Path
 ) -> None:
     weights = tmp_path / "model.safetensors"
-    weights.write_bytes((saved_run / "model.safetensors").read_bytes())
+    weights.write_bytes(checkpoint_file(saved_run).read_bytes())
     _corrupt(weights, how)
     with pytest.raises(CheckpointError, match=rf"{weights}.*(truncated|corrupt)"):
         load_weights(weights, _driver.build_model())

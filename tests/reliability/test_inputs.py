@@ -12,7 +12,7 @@ checks that the backbone (or, without one, the pooling) was never called. Inputs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -36,17 +36,11 @@ COMBOS = [(p, f) for p in BUILTIN_POOLINGS if p != "instance_mean" for f in FUSI
 COMBOS += [("instance_mean", None), ("instance_mean", "clinical")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one CPU thread avoids thread contention on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _build(pooling: str, fusion: str | None, backbone: str | None = "milcell_mini_resnet_k8") -> MILModel:
-    kwargs: dict = {"feature_dim": 8} if backbone is None else {"chunk_size": 4}
+    kwargs: dict = {"in_dim": 8} if backbone is None else {"chunk_size": 4}
     if fusion == "clinical":  # instance_mean with per-instance clinical concatenation
         return create_mil_model(backbone, pooling=pooling, fusion=None, clinical_dim=F, **kwargs).eval()
     clinical_dim = 0 if fusion in (None, "linear") else F
@@ -55,13 +49,11 @@ def _build(pooling: str, fusion: str | None, backbone: str | None = "milcell_min
     ).eval()
 
 
-def _batch(
-    sizes: tuple[int, ...] = (3, 1, 2), *, clinical: int = F, feature_dim: int | None = None
-) -> BagBatch:
+def _batch(sizes: tuple[int, ...] = (3, 1, 2), *, clinical: int = F, in_dim: int | None = None) -> BagBatch:
     g = torch.Generator().manual_seed(0)
     bags = []
     for i, n in enumerate(sizes):
-        shape = (n, feature_dim) if feature_dim else (n, 3, PX, PX)
+        shape = (n, in_dim) if in_dim else (n, 3, PX, PX)
         x = torch.rand(shape, generator=g)
         clin = torch.randn(clinical, generator=g) if clinical else None
         bags.append(Bag(x, label=i % 2, clinical=clin, id=f"P{i}"))
@@ -180,7 +172,7 @@ def test_the_table_covers_every_registered_pooling() -> None:
 def test_image_model_rejects_bad_inputs_before_the_backbone(pooling: str, fusion: str | None) -> None:
     model = _build(pooling, fusion)
     calls = _Calls(_first_stage(model))
-    needs = model.needs_clinical
+    needs = model.use_clinical
     good = _batch(clinical=F if needs else 0)
     for name, corrupt, error, match in _image_cases(needs):
         bad = corrupt(good)
@@ -198,8 +190,8 @@ def test_image_model_rejects_bad_inputs_before_the_backbone(pooling: str, fusion
 def test_feature_model_rejects_bad_inputs_before_the_pooling(pooling: str) -> None:
     model = _build(pooling, None if pooling == "instance_mean" else "concat", backbone=None)
     calls = _Calls(model.pooling)
-    needs = model.needs_clinical
-    good = _batch(clinical=F if needs else 0, feature_dim=8)
+    needs = model.use_clinical
+    good = _batch(clinical=F if needs else 0, in_dim=8)
     cases = [
         (
             "wrong width",
@@ -232,11 +224,9 @@ def test_feature_model_rejects_bad_inputs_before_the_pooling(pooling: str) -> No
 
 @pytest.mark.parametrize("fusion", ["concat", "moe", "gated"])
 def test_clinical_only_model_rejects_bad_clinical_and_empty_batches(fusion: str) -> None:
-    model = create_mil_model(
-        None, pooling="mean", fusion=fusion, clinical_dim=F, feature_dim=8, use_image=False
-    )
+    model = create_mil_model(None, pooling="mean", fusion=fusion, clinical_dim=F, in_dim=8, use_image=False)
     calls = _Calls(model.head)
-    good = _batch(feature_dim=8)
+    good = _batch(in_dim=8)
     empty = BagBatch(good.instances[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     for bad, error, match in [
         (_poison(INF, "clinical")(good), DataError, r"\['P1'\]"),
@@ -255,7 +245,7 @@ def test_clinical_only_model_rejects_bad_clinical_and_empty_batches(fusion: str)
 def test_ignored_clinical_values_do_not_leak_nan(fusion: str | None) -> None:
     """An image-only model is handed NaN clinical values: it ignores them and stays finite."""
     model = _build("gated_attention" if fusion else "instance_mean", fusion)
-    assert not model.needs_clinical
+    assert not model.use_clinical
     batch = _poison(NAN, "clinical")(_batch())
     assert bool(torch.isfinite(model(batch).logits).all())
 
@@ -281,7 +271,7 @@ def test_legal_oddities_give_finite_outputs() -> None:
 def test_huge_float64_values_overflowing_float32_are_reported() -> None:
     """Casting to the model's float32 must not let an overflow through as inf."""
     model = _build("mean", "concat", backbone=None)
-    batch = _batch(feature_dim=8)
+    batch = _batch(in_dim=8)
     x = batch.instances.double()
     x[0, 0] = 1e300
     with pytest.raises(DataError, match=r"NaN or inf in bags \['P0'\]"):
@@ -301,7 +291,7 @@ def test_nan_anywhere_names_exactly_the_poisoned_bags(
 ) -> None:
     model = _FEATURE_MODELS[pooling]
     calls = _Calls(model.pooling)
-    batch = _batch(tuple(sizes), clinical=0, feature_dim=8)
+    batch = _batch(tuple(sizes), clinical=0, in_dim=8)
     x = batch.instances.clone()
     flat = x.view(-1)
     hit = set()

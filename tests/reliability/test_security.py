@@ -32,7 +32,13 @@ from milcell.exceptions import CheckpointError, DataError
 from milcell.nn.backbones import create_backbone
 from milcell.nn.model import create_mil_model
 from milcell.train import Trainer
-from milcell.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from milcell.train.checkpoint import (
+    checkpoint_file,
+    file_sha256,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from milcell.train.crossval import cross_validate, feature_subset
 from milcell.train.distributed import make_loader
 from milcell.train.features import extract_features
@@ -88,7 +94,7 @@ def offline_workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str
             create_backbone("milcell_mini_resnet_k8", trainable="head"), ds, tmp / "cache", progress=False
         )
         result = cross_validate(
-            lambda: create_mil_model(None, pooling="mean", feature_dim=feats.dim),
+            lambda: create_mil_model(None, pooling="mean", in_dim=feats.dim),
             lambda fold: (feature_subset(feats, fold.train), feature_subset(feats, fold.val)),
             feats.labels,
             n_splits=2,
@@ -165,10 +171,21 @@ def marker(tmp_path: Path) -> Any:
     assert not path.exists(), "a loaded file executed code"
 
 
+def _forge_digests(ckpt: Path) -> None:
+    """Record the digests of the files now in ``ckpt``, as an attacker rewriting checkpoint.json would."""
+    record = json.loads((ckpt / "checkpoint.json").read_text())
+    for name, entry in record["files"].items():
+        entry["sha256"] = file_sha256(checkpoint_file(ckpt, name))
+    (ckpt / "checkpoint.json").write_text(json.dumps(record))
+
+
 def test_trainer_resume_and_load_checkpoint_refuse_a_pickle(tmp_path: Path, marker: Path) -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=4)
+    model = create_mil_model(None, pooling="mean", in_dim=4)
     ckpt = save_checkpoint(tmp_path / "last", model, epoch=1)
-    _evil(ckpt / "training_state.pt", marker)
+    _evil(checkpoint_file(ckpt, "training_state.pt"), marker)
+    with pytest.raises(CheckpointError, match=r"training_state\.pt is truncated or corrupt: its SHA-256"):
+        load_checkpoint(ckpt, model)  # refused before it is even unpickled
+    _forge_digests(ckpt)  # whoever can replace the file can rewrite the record too
     with pytest.raises(CheckpointError, match=r"training_state\.pt was refused.*nothing was executed"):
         load_checkpoint(ckpt, model)
     trainer = Trainer(model, max_epochs=2, progress=False)
@@ -178,10 +195,11 @@ def test_trainer_resume_and_load_checkpoint_refuse_a_pickle(tmp_path: Path, mark
 
 
 def test_load_weights_refuses_a_pickle_named_safetensors(tmp_path: Path, marker: Path) -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=4)
+    model = create_mil_model(None, pooling="mean", in_dim=4)
     ckpt = save_checkpoint(tmp_path / "ckpt", model, epoch=1)
-    _evil(ckpt / "model.safetensors", marker)
-    for target in (ckpt, ckpt / "model.safetensors"):
+    _evil(checkpoint_file(ckpt), marker)
+    _forge_digests(ckpt)
+    for target in (ckpt, ckpt / "model.safetensors", checkpoint_file(ckpt)):
         with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
             load_weights(target, model)
 

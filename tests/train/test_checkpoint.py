@@ -16,6 +16,8 @@ from torch import nn
 from milcell.exceptions import CheckpointError
 from milcell.train.checkpoint import (
     capture_rng_state,
+    checkpoint_file,
+    file_sha256,
     load_checkpoint,
     load_weights,
     restore_rng_state,
@@ -107,10 +109,10 @@ def test_missing_directory_and_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "absent")
     path = save_checkpoint(tmp_path / "c", nn.Linear(2, 2), epoch=1)
-    (path / "training_state.pt").unlink()
+    checkpoint_file(path, "training_state.pt").unlink()
     with pytest.raises(CheckpointError, match=r"training_state\.pt does not exist"):
         load_checkpoint(path)
-    (path / "model.safetensors").unlink()
+    checkpoint_file(path, "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not exist"):
         load_weights(path, nn.Linear(2, 2))
     (path / "checkpoint.json").unlink()
@@ -123,9 +125,22 @@ def _truncate(file: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
+def _forge_digests(path: Path) -> None:
+    """Record the current digests of a tampered checkpoint, as an attacker writing the record would."""
+    record = json.loads((path / "checkpoint.json").read_text())
+    for name, entry in record["files"].items():
+        entry["sha256"] = file_sha256(checkpoint_file(path, name))
+        entry["size"] = checkpoint_file(path, name).stat().st_size
+    (path / "checkpoint.json").write_text(json.dumps(record))
+
+
 def test_truncated_weights_file(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, nn.Linear(16, 16), epoch=1)
-    _truncate(path / "model.safetensors")
+    _truncate(checkpoint_file(path))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt: its SHA-256"):
+        load_checkpoint(path, nn.Linear(16, 16))
+    # Caught by the reader itself when the record is rewritten to match.
+    _forge_digests(path)
     with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
         load_checkpoint(path, nn.Linear(16, 16))
 
@@ -133,10 +148,15 @@ def test_truncated_weights_file(tmp_path: Path) -> None:
 def test_truncated_and_garbage_state_file(tmp_path: Path) -> None:
     model = nn.Linear(16, 16)
     path = save_checkpoint(tmp_path, model, epoch=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    _truncate(path / "training_state.pt")
+    state = checkpoint_file(path, "training_state.pt")
+    _truncate(state)
     with pytest.raises(CheckpointError, match=r"training_state\.pt is truncated or corrupt"):
         load_checkpoint(path)
-    (path / "training_state.pt").write_bytes(b"\x00garbage" * 10)
+    _forge_digests(path)
+    with pytest.raises(CheckpointError, match=r"training_state\.pt is truncated or corrupt"):
+        load_checkpoint(path)
+    state.write_bytes(b"\x00garbage" * 10)
+    _forge_digests(path)
     with pytest.raises(CheckpointError, match=r"training_state\.pt"):
         load_checkpoint(path)
 
@@ -169,7 +189,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path) -> None:
     # ... but the checkpoint loader refuses it and nothing runs.
     marker = tmp_path / "pwned"
     path = save_checkpoint(tmp_path / "ckpt", nn.Linear(2, 2), epoch=1)
-    torch.save({"epoch": 1, "optimizer": _Payload(marker)}, path / "training_state.pt")
+    torch.save({"epoch": 1, "optimizer": _Payload(marker)}, checkpoint_file(path, "training_state.pt"))
+    with pytest.raises(CheckpointError, match=r"training_state\.pt is truncated or corrupt: its SHA-256"):
+        load_checkpoint(path)
+    _forge_digests(path)  # whoever can write the pickle can write the record too
     with pytest.raises(CheckpointError, match=r"training_state\.pt was refused"):
         load_checkpoint(path)
     assert not marker.exists()
@@ -206,11 +229,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(CheckpointError, match="could not write checkpoint"):
         save_checkpoint(tmp_path, nn.Linear(3, 3), epoch=2)
     monkeypatch.undo()
-    assert sorted(p.name for p in path.iterdir()) == [
-        "checkpoint.json",
-        "model.safetensors",
-        "training_state.pt",
-    ]
+    names = sorted(p.name for p in path.iterdir())
+    assert names[0] == "checkpoint.json" and len(names) == 2 and names[1].startswith("v000001-")
     restored = nn.Linear(3, 3)
     load_weights(path, restored)
     assert torch.equal(restored.weight, old.weight)

@@ -12,7 +12,7 @@ import torch
 
 from milcell.data import BagCohort, BagRecord, FeatureBagDataset
 from milcell.data.splits import Fold
-from milcell.exceptions import ConfigError, DataError
+from milcell.exceptions import CheckpointError, ConfigError, DataError
 from milcell.nn.model import create_mil_model
 from milcell.train.crossval import CVResult, cross_validate, feature_subset
 from milcell.train.distributed import make_loader
@@ -38,7 +38,7 @@ def _dataset(n: int = 12, n_classes: int = 2, seed: int = 0, clinical: bool = Fa
 
 def _build(n_classes: int = 2, clinical_dim: int = 0) -> Any:
     return lambda: create_mil_model(
-        None, pooling="mean", feature_dim=D, num_classes=n_classes, clinical_dim=clinical_dim
+        None, pooling="mean", in_dim=D, num_classes=n_classes, clinical_dim=clinical_dim
     )
 
 
@@ -341,3 +341,49 @@ def test_drop_last_drops_the_incomplete_training_batch() -> None:
         drop_last=True,
     )
     assert [len(s) for s in seen] == [2, 2, 2]  # 8 // 3 batches, the incomplete one dropped
+
+
+def test_changed_settings_are_refused_and_overwrite_retrains(tmp_path: Path) -> None:
+    # Regression: a rerun with another learning rate reused the finished folds (and resumed the
+    # interrupted one with its old learning rate) without a word.
+    ds = _dataset(9)
+    cross_validate(_build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    changed = {**FAST, "lr": 0.01}
+    with pytest.raises(ConfigError, match=r"lr=0\.05; now lr=0\.01.*overwrite=True"):
+        cross_validate(
+            _build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=changed, output_dir=tmp_path
+        )
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    # An interrupted fold (settings recorded, no result yet) is checked too.
+    (tmp_path / "fold_0_2" / "result.json").unlink()
+    with pytest.raises(ConfigError, match="lr=0.01"):
+        cross_validate(
+            _build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=changed, output_dir=tmp_path
+        )
+    calls: list[Fold] = []
+    cross_validate(
+        _build(),
+        _splitter(ds, calls),
+        ds.labels,
+        n_splits=3,
+        trainer_kwargs=changed,
+        output_dir=tmp_path,
+        overwrite=True,
+    )
+    assert len(calls) == 3
+    stored = json.loads((tmp_path / "fold_0_0" / "settings.json").read_text())
+    assert stored["lr"] == 0.01
+
+
+def test_result_without_metrics_names_the_file_and_key(tmp_path: Path) -> None:
+    ds = _dataset(9)
+    cross_validate(_build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path)
+    path = tmp_path / "fold_0_1" / "result.json"
+    record = json.loads(path.read_text())
+    del record["metrics"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"fold_0_1/result.json' lacks the key 'metrics'"):
+        cross_validate(
+            _build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path
+        )

@@ -104,7 +104,7 @@ def _bags(n: int, d: int = 4, n_instances: int = 3, seed: int = 0) -> list[Bag]:
 
 @pytest.mark.parametrize("n_instances", [1, 5])  # single cells (bags of one) and bags
 def test_predict_ensemble_matches_manual_vote(n_instances: int) -> None:
-    models = [create_mil_model(None, pooling="mean", feature_dim=4) for _ in range(3)]
+    models = [create_mil_model(None, pooling="mean", in_dim=4) for _ in range(3)]
     bags = _bags(7, n_instances=n_instances)
     loader = make_loader(bags, 3, shuffle=False)
     per_model = []
@@ -121,7 +121,7 @@ def test_predict_ensemble_matches_manual_vote(n_instances: int) -> None:
 
 
 def test_predict_ensemble_restores_model_state() -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=4).train()
+    model = create_mil_model(None, pooling="mean", in_dim=4).train()
     predict_ensemble([model], make_loader(_bags(3), 2, shuffle=False), device="cpu", precision="bf16")
     assert model.training
 
@@ -141,7 +141,7 @@ def test_predict_ensemble_sigmoid_single_logit() -> None:
 
 
 def test_predict_ensemble_bad_inputs() -> None:
-    model = create_mil_model(None, pooling="mean", feature_dim=4)
+    model = create_mil_model(None, pooling="mean", in_dim=4)
     loader = make_loader(_bags(4), 2, shuffle=False)
     with pytest.raises(ConfigError, match="got no model"):
         predict_ensemble([], loader)

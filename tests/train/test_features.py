@@ -201,14 +201,14 @@ def test_missing_or_corrupt_manifest_rebuilds(
         extract_features(backbone, dataset, tmp_path, progress=False)
     assert backbone.calls == 3 * calls
     assert "unreadable manifest" in caplog.text
-    # A same-size but corrupt features file is caught when it is loaded.
+    # A same-size but corrupt features file is caught by its digest before it is loaded.
     path = tmp_path / FEATURES_NAME
     path.write_bytes(b"\0" * path.stat().st_size)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="milcell"):
         extract_features(backbone, dataset, tmp_path, progress=False)
     assert backbone.calls == 4 * calls
-    assert "unreadable features" in caplog.text
+    assert "features.safetensors is corrupt or was replaced: its SHA-256" in caplog.text
 
 
 def test_chunking_and_batching_do_not_change_features(dataset: BagDataset, backbone: Counting) -> None:
@@ -307,7 +307,7 @@ def test_cross_validation_on_cached_features_never_calls_the_backbone(
     def build() -> Any:
         return create_mil_model(
             backbone=None,
-            feature_dim=feats.dim,
+            in_dim=feats.dim,
             pooling="mean",
             fusion="linear",
             fusion_kwargs={"hidden": (16,)},

@@ -73,7 +73,7 @@ def test_loaders_features_crossval_and_noisy_student_accept_numpy_scalars() -> N
     assert ds[0].instances.shape == (3, 5)
     feats = _features(8)
     result = cross_validate(
-        lambda: create_mil_model(None, pooling="mean", feature_dim=4),
+        lambda: create_mil_model(None, pooling="mean", in_dim=4),
         lambda fold: (feature_subset(feats, fold.train), feature_subset(feats, fold.val)),
         feats.labels,
         n_splits=np.int64(2),
@@ -85,8 +85,8 @@ def test_loaders_features_crossval_and_noisy_student_accept_numpy_scalars() -> N
     assert len(result.folds) == 2
     hidden = FeatureBagDataset(feats.features, labels=[-1] * len(feats))
     ns = noisy_student(
-        lambda: create_mil_model(None, pooling="mean", feature_dim=4),
-        lambda: create_mil_model(None, pooling="mean", feature_dim=4),
+        lambda: create_mil_model(None, pooling="mean", in_dim=4),
+        lambda: create_mil_model(None, pooling="mean", in_dim=4),
         feats,
         hidden,
         iterations=np.int64(1),
@@ -158,7 +158,7 @@ def test_crossval_checks_a_plateau_factory_with_step_interval() -> None:
     feats = _features(8)
     with pytest.raises(ConfigError, match="ReduceLROnPlateau"):
         cross_validate(
-            lambda: create_mil_model(None, pooling="mean", feature_dim=4),
+            lambda: create_mil_model(None, pooling="mean", in_dim=4),
             lambda fold: (feature_subset(feats, fold.train), feature_subset(feats, fold.val)),
             feats.labels,
             n_splits=2,

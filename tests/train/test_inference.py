@@ -99,7 +99,7 @@ def test_predict_restores_mode_uses_inference_mode_and_keeps_real_attention() ->
 
 def test_predict_matches_the_trainer_and_a_single_model_ensemble() -> None:
     bags = make_bags(6)
-    model = create_mil_model(None, pooling="gated_attention", feature_dim=8)
+    model = create_mil_model(None, pooling="gated_attention", in_dim=8)
     loader = make_loader(bags, 4, shuffle=False)
     trainer = Trainer(model, max_epochs=1, progress=False)
     ours = predict(model, loader)
@@ -124,7 +124,7 @@ def test_predict_on_the_models_own_device_does_not_move_it(monkeypatch: pytest.M
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_predict_on_cuda_moves_the_model_there_and_back() -> None:
-    model = create_mil_model(None, pooling="gated_attention", feature_dim=8)
+    model = create_mil_model(None, pooling="gated_attention", in_dim=8)
     loader = make_loader(make_bags(6), 4, shuffle=False)
     expected = predict(model, loader)
     for precision in PRECISIONS:

@@ -29,13 +29,11 @@ def _bags(
 
 
 def _teacher() -> Any:
-    return create_mil_model(None, pooling="mean", feature_dim=D)
+    return create_mil_model(None, pooling="mean", in_dim=D)
 
 
 def _student() -> Any:  # larger, with dropout noise
-    return create_mil_model(
-        None, pooling="mean", feature_dim=D, fusion_kwargs={"hidden": (16,), "dropout": 0.2}
-    )
+    return create_mil_model(None, pooling="mean", in_dim=D, fusion_kwargs={"hidden": (16,), "dropout": 0.2})
 
 
 def test_bookkeeping_with_threshold() -> None:

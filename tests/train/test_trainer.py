@@ -7,11 +7,10 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -21,42 +20,9 @@ from milcell.metrics import binary_report
 from milcell.train.callbacks import Callback, LambdaCallback
 from milcell.train.distributed import make_loader
 from milcell.train.trainer import MILModelLike, Trainer
+from tests._factories import MeanMIL, MeanMILOutput
 
-
-class Out(NamedTuple):
-    logits: Tensor
-    attention: Tensor | None
-
-
-class MeanMIL(nn.Module):
-    """Mean pooling over (T, D) features + dropout + linear head; records how it was called."""
-
-    def __init__(self, dim: int = 8, num_classes: int = 2, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.config = {"dim": dim, "num_classes": num_classes, "dropout": dropout}
-        self.hidden = nn.Linear(dim, 16)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(16, num_classes)
-        self.calls: list[dict[str, Any]] = []
-
-    def forward(self, batch: BagBatch) -> Out:
-        self.calls.append(
-            {
-                "training": self.training,
-                "inference": torch.is_inference_mode_enabled(),
-                "autocast": torch.is_autocast_enabled("cpu"),
-                "autocast_dtype": torch.get_autocast_dtype("cpu"),
-            }
-        )
-        padded = batch.pad(batch.instances)  # (B, N_max, D)
-        mask = batch.mask
-        pooled = (padded * mask.unsqueeze(-1)).sum(1) / batch.bag_sizes.unsqueeze(1)
-        logits = self.head(self.drop(torch.relu(self.hidden(pooled))))
-        attention = mask.float() / batch.bag_sizes.unsqueeze(1)
-        return Out(logits, attention)
-
-    def loss(self, output: Out, batch: BagBatch, class_weights: Tensor | None = None) -> Tensor:
-        return F.cross_entropy(output.logits.float(), batch.labels, weight=class_weights, ignore_index=-1)
+Out = MeanMILOutput
 
 
 class ConvMIL(MeanMIL):
@@ -515,7 +481,7 @@ def test_fit_errors() -> None:
 
 def test_with_milcell_mil_model() -> None:
     model_mod = pytest.importorskip("milcell.nn.model")
-    model = model_mod.create_mil_model(backbone=None, pooling="mean", fusion="linear", feature_dim=8)
+    model = model_mod.create_mil_model(backbone=None, pooling="mean", fusion="linear", in_dim=8)
     bags = make_bags(8)
     trainer = Trainer(model, lr=0.05, max_epochs=3, progress=False)
     history = trainer.fit(make_loader(bags, 4, True), make_loader(bags, 4, False))
@@ -530,7 +496,7 @@ def test_batch_of_only_unlabelled_bags_with_mil_model() -> None:
     # Regression: MILModel.loss raises on a batch without labels; the trainer must not call it then.
     from milcell.nn.model import create_mil_model
 
-    model = create_mil_model(backbone=None, pooling="mean", fusion="linear", feature_dim=8)
+    model = create_mil_model(backbone=None, pooling="mean", fusion="linear", in_dim=8)
     bags = [*make_bags(3), Bag(torch.randn(2, 8), label=-1, id="U0")]
     trainer = Trainer(model, max_epochs=1, progress=False)
     history = trainer.fit(make_loader(bags, 1, False))

@@ -25,7 +25,9 @@ __all__ = ["NOT_SAVED", "add_option", "load_config_file", "resolve", "save_confi
 logger = logging.getLogger("milcell")
 
 #: Keys that describe how a run was launched, not what it computes; never saved.
-NOT_SAVED = frozenset({"config", "debug", "command"})
+NOT_SAVED = frozenset({"config", "debug", "command", "overwrite", "resume"})
+#: Options without a type converter that also take a whole number (``trainable: 2``: the last 2 stages).
+_NUMBER_OK = frozenset({"trainable", "device"})
 
 
 def add_option(container: Any, *flags: str, default: Any = None, **kwargs: Any) -> argparse.Action:
@@ -116,6 +118,13 @@ def _convert(action: argparse.Action, key: str, value: Any, file: str) -> Any:
             f"{value!r}"
         )
     converter = action.type
+    if converter is None and action.choices is None and not isinstance(value, str):
+        if not (isinstance(value, int) and action.dest in _NUMBER_OK):
+            raise ConfigError(
+                f"config file '{file}': {key!r} ({flag}) must be a string, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        value = str(value)
     if callable(converter):
         try:
             value = converter(str(value))

@@ -144,8 +144,18 @@ def run_demo(cfg: Mapping[str, Any], out: Path) -> DemoResult:
     Each model is a :func:`milcell.runs.train_run` on the same folds, sharing
     one in-memory image cache. The figures are a second step
     (:func:`write_demo_figures`), so the table is on screen (and in
-    ``summary.txt`` / ``results.json``) before any plotting happens.
+    ``summary.txt`` / ``results.json``) before any plotting happens. The
+    folder is locked while the demo writes it (a second demo into it is
+    refused with a :class:`~milcell.exceptions.LockError`).
     """
+    from milcell._locks import folder_lock
+
+    demo_sizes(cfg)  # refuse bad sizes before creating the folder
+    with folder_lock(out, what="demo folder"):
+        return _run_demo(cfg, out)
+
+
+def _run_demo(cfg: Mapping[str, Any], out: Path) -> DemoResult:
     from milcell._cli.runs import resolve_device
     from milcell.data.datasets import ImageCache
     from milcell.data.formats.dlmi import load_dlmi

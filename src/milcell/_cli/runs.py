@@ -8,12 +8,10 @@ its ``config.yaml``, and the CSV files ``predict`` writes.
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from milcell._utils import atomic_path
 from milcell.exceptions import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -54,6 +52,9 @@ _TRAIN_OPTIONS = (
     "patience",
     "num_workers",
     "progress",
+    "overwrite",
+    "resume",
+    "checkpoint_path",
 )
 
 
@@ -84,8 +85,14 @@ def check_inputs(cfg: Mapping[str, Any], clinical_names: Sequence[str]) -> None:
         )
 
 
-def train_command(cfg: Mapping[str, Any], out: Path) -> SavedRun:
-    """``milcell train``: read ``--data-dir`` and cross-validate into the run folder ``out``."""
+def train_command(
+    cfg: Mapping[str, Any], out: Path, before_training: Callable[[Path], None] | None = None
+) -> SavedRun:
+    """``milcell train``: read ``--data-dir`` and cross-validate into the run folder ``out``.
+
+    Nothing is written before :func:`milcell.runs.train_run` has validated the
+    run; ``before_training(out)`` is then called (it writes ``config.yaml``).
+    """
     from milcell.runs import load_samples, train_run
 
     device = resolve_device(cfg["device"])
@@ -100,6 +107,7 @@ def train_command(cfg: Mapping[str, Any], out: Path) -> SavedRun:
         sampler=None if sampler == "none" else sampler,
         device=device,
         data_format=cfg["format"],
+        before_training=before_training,
     )
 
 
@@ -120,8 +128,8 @@ def _data_format(run: SavedRun) -> str:
     fmt = run.record.get("data_format")
     if not fmt:
         raise ConfigError(
-            f"run '{run.path}' does not record its data layout (it was saved from Python without "
-            "data_format); use milcell.runs.load_run(...).predict(...) instead"
+            f"run record '{Path(run.path or '.') / 'run.json'}' has no 'data_format' (the run was saved from "
+            "Python without data_format); use milcell.runs.load_run(...).predict(...) instead"
         )
     return str(fmt)
 
@@ -137,31 +145,46 @@ def _predict_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_command(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``milcell evaluate``: the table and the result (vote and fold models) on labelled data."""
+    """``milcell evaluate``: the table and the result.
+
+    ``--split oof`` (the default) gives the run's out-of-fold estimate for its
+    training patients without reading any data; another split is predicted by
+    the fold models and their vote (test patients must not be training
+    patients; training patients are evaluated with a caution).
+    """
     from milcell.runs import load_run, load_samples
 
     run = load_run(cfg["run"])
-    options = _predict_options(cfg)
+    options = _predict_options(cfg)  # validated whatever the split
+    if cfg["split"] == "oof":
+        return run.table(), {
+            "data_dir": None,
+            "split": "oof",
+            "summary": {k: list(v) for k, v in run.summary.items()},
+            "trained_on": [],
+        }
     data_dir = cfg.get("data_dir") or saved_data_dir(run)
     samples = load_samples(_data_format(run), data_dir, cfg["split"], run.class_names)
     if (samples.labels >= 0).sum() == 0:
         raise DataError(f"no labelled sample in '{data_dir}' (split {cfg['split']!r}); evaluate needs labels")
-    evaluation = run.evaluate(samples, **options)
+    evaluation = run.evaluate(samples, held_out=cfg["split"] == "test", **options)
     result = {
         "data_dir": str(data_dir),
         "split": cfg["split"],
         "ensemble": evaluation.ensemble,
         "fold_models": evaluation.fold_models,
+        "trained_on": evaluation.trained_on,
     }
     return evaluation.table(), result
 
 
-def predict_command(cfg: Mapping[str, Any]) -> tuple[Path, int]:
+def predict_command(cfg: Mapping[str, Any]) -> tuple[list[Path], int]:
     """``milcell predict``: write the vote of a saved run's models on ``--data-dir`` as CSV.
 
-    For the lymphocytosis layout the file is the challenge submission
-    ``Id,Predicted`` (one row per patient of the split, in CSV order);
-    otherwise ``id,predicted,prob_<class>...``.
+    Every layout gets ``id,predicted,prob_<class>...``; for the lymphocytosis
+    layout that file is ``<output>_probabilities.csv`` next to the challenge
+    submission ``Id,Predicted`` (one row per patient of the split, in CSV
+    order). Returns the files written and the number of samples.
     """
     from milcell.runs import load_run, load_samples
 
@@ -171,17 +194,10 @@ def predict_command(cfg: Mapping[str, Any]) -> tuple[Path, int]:
     data_dir = cfg.get("data_dir") or saved_data_dir(run)
     split = cfg.get("split") or ("all" if fmt == "cnmc" else "test")
     samples = load_samples(fmt, data_dir, split, run.class_names)
-    preds = run.predict(samples, **options)
-    names = run.class_names
+    preds = run.predict(samples, held_out=split == "test", **options)
     default_name = "submission.csv" if fmt == "dlmi" else "predictions.csv"
     target = Path(cfg.get("output") or (Path(cfg["run"]) / default_name))
-    with atomic_path(target) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        if fmt == "dlmi":
-            writer.writerow(["Id", "Predicted"])
-            writer.writerows([i, int(p)] for i, p in zip(preds.ids, preds.predicted, strict=True))
-        else:
-            writer.writerow(["id", "predicted", *(f"prob_{c}" for c in names)])
-            for sample_id, p, row in zip(preds.ids, preds.predicted, preds.probabilities, strict=True):
-                writer.writerow([sample_id, names[int(p)], *(f"{v:.6f}" for v in row)])
-    return target, len(preds.ids)
+    if fmt != "dlmi":
+        return [preds.write_csv(target)], len(preds.ids)
+    probabilities = target.with_name(f"{target.stem}_probabilities.csv")
+    return [preds.write_submission(target), preds.write_csv(probabilities)], len(preds.ids)

@@ -13,7 +13,7 @@ Examples
 >>> from milcell.nn import create_mil_model, list_poolings
 >>> "gated_attention" in list_poolings()
 True
->>> model = create_mil_model(backbone=None, feature_dim=16, pooling="attention")
+>>> model = create_mil_model(backbone=None, in_dim=16, pooling="attention")
 >>> model.config["pooling"]
 'attention'
 """

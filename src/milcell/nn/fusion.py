@@ -1,7 +1,7 @@
 """Fusion heads: from a bag embedding and clinical attributes to class logits.
 
 Every head is a :class:`FusionHead` called as ``head(image, clinical)`` with
-``image`` the bag embedding ``(B, image_dim)`` (from a pooling) and
+``image`` the bag embedding ``(B, in_dim)`` (from a pooling) and
 ``clinical`` the bag's clinical attributes ``(B, clinical_dim)``; either may
 be ``None`` when the head does not use it. It returns a :class:`FusionOutput`
 ``(logits (B, C), experts, gate)``.
@@ -30,7 +30,7 @@ Examples
 >>> from milcell.nn.fusion import create_fusion, list_fusions
 >>> list_fusions()
 ['concat', 'gated', 'linear', 'moe']
->>> head = create_fusion("moe", image_dim=8, clinical_dim=3, num_classes=2, detach_experts=True)
+>>> head = create_fusion("moe", in_dim=8, clinical_dim=3, num_classes=2, detach_experts=True)
 >>> out = head(torch.randn(4, 8), torch.rand(4, 3))
 >>> out.logits.shape, sorted(out.experts), out.gate
 (torch.Size([4, 2]), ['clinical', 'image'], None)
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -52,11 +52,14 @@ from torch import Tensor, nn
 from milcell._validation import check_int
 from milcell.exceptions import ConfigError, ShapeError
 from milcell.nn.pooling import (
+    HiddenSizes,
     _check_clinical,
     _check_dropout,
     _check_hidden,
     _mlp,
     _no_autocast,
+    _renamed_attribute,
+    _renamed_kwargs,
 )
 from milcell.registry import Registry
 
@@ -80,6 +83,9 @@ _FUSIONS: Registry[FusionHead] = Registry("fusion")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _TINY = torch.finfo(torch.float32).tiny
+
+# ``image_dim=`` is the old spelling of ``in_dim=`` (see docs/pooling_fusion.rst, "Naming").
+_image_dim_kwarg = _renamed_kwargs(image_dim="in_dim")
 
 
 class FusionOutput(NamedTuple):
@@ -113,7 +119,7 @@ class FusionOutput(NamedTuple):
 def register_fusion(name: str) -> Callable[[F], F]:
     """Decorator registering a fusion head class (or factory) under ``name``.
 
-    The factory is called as ``factory(image_dim, clinical_dim, num_classes, **kwargs)``.
+    The factory is called as ``factory(in_dim, clinical_dim, num_classes, **kwargs)``.
 
     Examples
     --------
@@ -123,17 +129,17 @@ def register_fusion(name: str) -> Callable[[F], F]:
     return _FUSIONS.register(name)
 
 
-def create_fusion(
-    name: str, image_dim: int, clinical_dim: int, num_classes: int, **kwargs: Any
-) -> FusionHead:
+@_image_dim_kwarg
+def create_fusion(name: str, in_dim: int, clinical_dim: int, num_classes: int, **kwargs: Any) -> FusionHead:
     """Build the fusion head registered under ``name``.
 
     Parameters
     ----------
     name : str
         One of :func:`list_fusions`.
-    image_dim : int
-        Size ``D`` of the bag embedding ``(B, D)`` (the pooling's ``out_dim``).
+    in_dim : int
+        Size ``D`` of the bag embedding ``(B, D)`` (the pooling's ``out_dim``);
+        ``image_dim=``, its old spelling, is still accepted (deprecated).
     clinical_dim : int
         Number ``F`` of clinical attributes ``(B, F)``; ``0`` = none.
     num_classes : int
@@ -167,10 +173,10 @@ def create_fusion(
     """
     factory = _FUSIONS.get(name)
     try:
-        inspect.signature(factory).bind(image_dim, clinical_dim, num_classes, **kwargs)
+        inspect.signature(factory).bind(in_dim, clinical_dim, num_classes, **kwargs)
     except TypeError as err:
         raise ConfigError(f"fusion {name!r} does not take these arguments: {err}") from None
-    return factory(image_dim, clinical_dim, num_classes, **kwargs)
+    return factory(in_dim, clinical_dim, num_classes, **kwargs)
 
 
 def list_fusions() -> list[str]:
@@ -197,7 +203,7 @@ class ClinicalMLP(nn.Module):
         Number ``F`` of clinical attributes.
     num_classes : int, default 2
         Number of classes ``C``.
-    hidden : tuple of int, default (10,)
+    hidden : int or tuple of int, default (10,)
         Hidden sizes (ReLU between layers).
     dropout : float, default 0.0
         Dropout after each hidden ReLU.
@@ -217,9 +223,7 @@ class ClinicalMLP(nn.Module):
     torch.Size([5, 2])
     """
 
-    def __init__(
-        self, in_dim: int, num_classes: int = 2, hidden: Sequence[int] = (10,), dropout: float = 0.0
-    ):
+    def __init__(self, in_dim: int, num_classes: int = 2, hidden: HiddenSizes = (10,), dropout: float = 0.0):
         super().__init__()
         self.in_dim = check_int(in_dim, "in_dim", low=1)
         self.num_classes = check_int(num_classes, "num_classes", low=1)
@@ -246,19 +250,24 @@ class FusionHead(nn.Module):
 
     Parameters
     ----------
-    image_dim : int
-        Size ``D`` of the bag embedding; ``0`` = no image input.
+    in_dim : int
+        Size ``D`` of the bag embedding, the image input (the pooling's
+        ``out_dim``); ``0`` = no image input. ``image_dim=``, its old
+        spelling, is still accepted (deprecated).
     clinical_dim : int
         Number ``F`` of clinical attributes; ``0`` = no clinical input.
     num_classes : int
         Number of classes ``C``.
     use_image : bool, default True
-        Use the image input (switched off automatically if ``image_dim == 0``).
+        Use the image input (switched off automatically if ``in_dim == 0``).
     use_clinical : bool, default True
         Use the clinical input (switched off automatically if ``clinical_dim == 0``).
 
     Attributes
     ----------
+    in_dim, clinical_dim, num_classes : int
+        As given (``image_dim``, the old name of ``in_dim``, still reads it
+        with a :class:`DeprecationWarning`).
     use_image, use_clinical : bool
         The inputs this head really reads; a model passes ``clinical`` only
         when ``use_clinical`` is True, and a switched-off input may be ``None``.
@@ -270,24 +279,27 @@ class FusionHead(nn.Module):
     (True, False)
     """
 
+    image_dim = _renamed_attribute("image_dim", "in_dim")
+
+    @_image_dim_kwarg
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
         use_image: bool = True,
         use_clinical: bool = True,
     ) -> None:
         super().__init__()
-        self.image_dim = check_int(image_dim, "image_dim", low=0)
+        self.in_dim = check_int(in_dim, "in_dim", low=0)
         self.clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
         self.num_classes = check_int(num_classes, "num_classes", low=2)
-        self.use_image = bool(use_image) and self.image_dim > 0
+        self.use_image = bool(use_image) and self.in_dim > 0
         self.use_clinical = bool(use_clinical) and self.clinical_dim > 0
         if not (self.use_image or self.use_clinical):
             raise ConfigError(
                 f"{type(self).__name__} has no input: use_image={use_image}, use_clinical={use_clinical}, "
-                f"image_dim={image_dim}, clinical_dim={clinical_dim}"
+                f"in_dim={in_dim}, clinical_dim={clinical_dim}"
             )
 
     def _inputs(self, image: Tensor | None, clinical: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -300,10 +312,10 @@ class FusionHead(nn.Module):
                     f"image is required by {name} (pass use_image=False for a clinical-only head)"
                 )
             if not isinstance(image, Tensor):
-                raise ShapeError(f"image must be a torch.Tensor of shape (B, {self.image_dim})")
-            if image.dim() != 2 or image.shape[1] != self.image_dim:
+                raise ShapeError(f"image must be a torch.Tensor of shape (B, {self.in_dim})")
+            if image.dim() != 2 or image.shape[1] != self.in_dim:
                 raise ShapeError(
-                    f"image must have shape (B, {self.image_dim}) for {name}, got {tuple(image.shape)}"
+                    f"image must have shape (B, {self.in_dim}) for {name}, got {tuple(image.shape)}"
                 )
             if not image.is_floating_point():
                 raise ShapeError(f"image must be a floating-point tensor, got dtype {image.dtype}")
@@ -334,7 +346,7 @@ class FusionHead(nn.Module):
         Parameters
         ----------
         image : Tensor or None
-            ``(B, image_dim)`` bag embedding; may be ``None`` if ``use_image`` is False.
+            ``(B, in_dim)`` bag embedding; may be ``None`` if ``use_image`` is False.
         clinical : Tensor or None
             ``(B, clinical_dim)``; may be ``None`` if ``use_clinical`` is False
             (and is ignored then).
@@ -360,7 +372,7 @@ class FusionHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"image_dim={self.image_dim}, clinical_dim={self.clinical_dim}, num_classes={self.num_classes}, "
+            f"in_dim={self.in_dim}, clinical_dim={self.clinical_dim}, num_classes={self.num_classes}, "
             f"use_image={self.use_image}, use_clinical={self.use_clinical}"
         )
 
@@ -369,18 +381,18 @@ class FusionHead(nn.Module):
 class LinearHead(FusionHead):
     """Image-only head: an MLP on the bag embedding (clinical attributes are ignored).
 
-    ``hidden=(512,)`` with ``image_dim=512`` gives Linear(512, 512)-ReLU-
+    ``hidden=(512,)`` with ``in_dim=512`` gives Linear(512, 512)-ReLU-
     Linear(512, 2) of the 2024 lymphocytosis report.
 
     Parameters
     ----------
-    image_dim : int
+    in_dim : int
         Size ``D`` of the bag embedding.
     clinical_dim : int
         Accepted for a uniform signature; not used.
     num_classes : int
         Number of classes ``C``.
-    hidden : tuple of int, default ()
+    hidden : int or tuple of int, default ()
         Hidden sizes; ``()`` is a single linear layer.
     dropout : float, default 0.0
         Dropout after each hidden ReLU.
@@ -394,16 +406,17 @@ class LinearHead(FusionHead):
     torch.Size([2, 2])
     """
 
+    @_image_dim_kwarg
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
-        hidden: Sequence[int] = (),
+        hidden: HiddenSizes = (),
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(image_dim, clinical_dim, num_classes, use_image=True, use_clinical=False)
-        self.net = _mlp(self.image_dim, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
+        super().__init__(in_dim, clinical_dim, num_classes, use_image=True, use_clinical=False)
+        self.net = _mlp(self.in_dim, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
         assert image is not None
@@ -416,13 +429,13 @@ class ConcatFusion(FusionHead):
 
     Parameters
     ----------
-    image_dim : int
+    in_dim : int
         Size ``D`` of the bag embedding.
     clinical_dim : int
         Number ``F`` of clinical attributes.
     num_classes : int
         Number of classes ``C``.
-    hidden : tuple of int, default (128,)
+    hidden : int or tuple of int, default (128,)
         Hidden sizes of the MLP on ``[image, clinical]`` (``D + F`` inputs,
         fewer when an input is switched off).
     dropout : float, default 0.0
@@ -439,18 +452,19 @@ class ConcatFusion(FusionHead):
     torch.Size([4, 2])
     """
 
+    @_image_dim_kwarg
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
-        hidden: Sequence[int] = (128,),
+        hidden: HiddenSizes = (128,),
         dropout: float = 0.0,
         use_image: bool = True,
         use_clinical: bool = True,
     ) -> None:
-        super().__init__(image_dim, clinical_dim, num_classes, use_image, use_clinical)
-        width = (self.image_dim if self.use_image else 0) + (self.clinical_dim if self.use_clinical else 0)
+        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical)
+        width = (self.in_dim if self.use_image else 0) + (self.clinical_dim if self.use_clinical else 0)
         self.net = _mlp(width, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
@@ -467,19 +481,19 @@ class _ExpertHead(FusionHead):
 
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
-        image_hidden: Sequence[int],
-        clinical_hidden: Sequence[int],
+        image_hidden: HiddenSizes,
+        clinical_hidden: HiddenSizes,
         dropout: float,
         use_image: bool,
         use_clinical: bool,
     ) -> None:
-        super().__init__(image_dim, clinical_dim, num_classes, use_image, use_clinical)
+        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical)
         dropout = _check_dropout(dropout)
         self.image_expert = (
-            _mlp(self.image_dim, _check_hidden(image_hidden, "image_hidden"), self.num_classes, dropout)
+            _mlp(self.in_dim, _check_hidden(image_hidden, "image_hidden"), self.num_classes, dropout)
             if self.use_image
             else None
         )
@@ -520,17 +534,17 @@ class MoEFusion(_ExpertHead):
 
     Parameters
     ----------
-    image_dim : int
+    in_dim : int
         Size ``D`` of the bag embedding.
     clinical_dim : int
         Number ``F`` of clinical attributes.
     num_classes : int
         Number of classes ``C``.
-    image_hidden : tuple of int, default ()
+    image_hidden : int or tuple of int, default ()
         Hidden sizes of the image expert (``(512,)`` = the report's head).
-    clinical_hidden : tuple of int, default (10,)
+    clinical_hidden : int or tuple of int, default (10,)
         Hidden sizes of the clinical expert.
-    combiner_hidden : tuple of int, default (10,)
+    combiner_hidden : int or tuple of int, default (10,)
         Hidden sizes of the combiner.
     dropout : float, default 0.0
         Dropout after each hidden ReLU of the experts.
@@ -549,21 +563,22 @@ class MoEFusion(_ExpertHead):
     (torch.Size([5, 2]), torch.Size([5, 2]), torch.Size([5, 2]))
     """
 
+    @_image_dim_kwarg
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
-        image_hidden: Sequence[int] = (),
-        clinical_hidden: Sequence[int] = (10,),
-        combiner_hidden: Sequence[int] = (10,),
+        image_hidden: HiddenSizes = (),
+        clinical_hidden: HiddenSizes = (10,),
+        combiner_hidden: HiddenSizes = (10,),
         dropout: float = 0.0,
         detach_experts: bool = False,
         use_image: bool = True,
         use_clinical: bool = True,
     ) -> None:
         super().__init__(
-            image_dim,
+            in_dim,
             clinical_dim,
             num_classes,
             image_hidden,
@@ -608,17 +623,17 @@ class GatedFusion(_ExpertHead):
 
     Parameters
     ----------
-    image_dim : int
+    in_dim : int
         Size ``D`` of the bag embedding.
     clinical_dim : int
         Number ``F`` of clinical attributes.
     num_classes : int
         Number of classes ``C``.
-    image_hidden : tuple of int, default ()
+    image_hidden : int or tuple of int, default ()
         Hidden sizes of the image expert.
-    clinical_hidden : tuple of int, default (10,)
+    clinical_hidden : int or tuple of int, default (10,)
         Hidden sizes of the clinical expert.
-    gate_hidden : tuple of int, default (16,)
+    gate_hidden : int or tuple of int, default (16,)
         Hidden sizes of the gating MLP.
     summary_dim : int, default 8
         Size of the image summary the gate sees.
@@ -645,14 +660,15 @@ class GatedFusion(_ExpertHead):
     True
     """
 
+    @_image_dim_kwarg
     def __init__(
         self,
-        image_dim: int,
+        in_dim: int,
         clinical_dim: int,
         num_classes: int,
-        image_hidden: Sequence[int] = (),
-        clinical_hidden: Sequence[int] = (10,),
-        gate_hidden: Sequence[int] = (16,),
+        image_hidden: HiddenSizes = (),
+        clinical_hidden: HiddenSizes = (10,),
+        gate_hidden: HiddenSizes = (16,),
         summary_dim: int = 8,
         dropout: float = 0.0,
         detach_experts: bool = False,
@@ -660,7 +676,7 @@ class GatedFusion(_ExpertHead):
         use_clinical: bool = True,
     ) -> None:
         super().__init__(
-            image_dim,
+            in_dim,
             clinical_dim,
             num_classes,
             image_hidden,
@@ -673,7 +689,7 @@ class GatedFusion(_ExpertHead):
         self.detach_experts = bool(detach_experts)
         gate_hidden = _check_hidden(gate_hidden, "gate_hidden")
         if self.use_image and self.use_clinical:
-            self.summary: nn.Module | None = nn.Linear(self.image_dim, self.summary_dim)
+            self.summary: nn.Module | None = nn.Linear(self.in_dim, self.summary_dim)
             self.gate: nn.Sequential | None = _mlp(self.summary_dim + self.clinical_dim, gate_hidden, 1, 0.0)
         else:
             self.summary = None

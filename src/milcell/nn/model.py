@@ -60,7 +60,14 @@ from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.nn.backbones import create_backbone
 from milcell.nn.encoder import InstanceEncoder
 from milcell.nn.fusion import FusionHead, FusionOutput, create_fusion
-from milcell.nn.pooling import _POOLINGS, InstanceMeanPooling, MILPooling, create_pooling
+from milcell.nn.pooling import (
+    _POOLINGS,
+    InstanceMeanPooling,
+    MILPooling,
+    _renamed_attribute,
+    _renamed_kwargs,
+    create_pooling,
+)
 
 __all__ = ["MILModel", "MILOutput", "create_mil_model", "mil_loss"]
 
@@ -125,7 +132,7 @@ class MILModel(nn.Module):
     ----------
     pooling : MILPooling
         A :mod:`milcell.nn.pooling` module (``in_dim``, ``out_dim``,
-        ``prediction_level``, ``uses_clinical``).
+        ``prediction_level``, ``use_clinical``).
     head : FusionHead or None
         A :mod:`milcell.nn.fusion` head mapping ``(B, out_dim)`` and clinical
         ``(B, F)`` to logits; must be ``None`` for a prediction-level pooling.
@@ -138,10 +145,19 @@ class MILModel(nn.Module):
 
     Attributes
     ----------
+    in_dim : int
+        ``D``, the width of the features the pooling takes (``pooling.in_dim``):
+        the width of a feature bag's instances, or the encoder's
+        ``num_features``.
     clinical_dim : int
         ``F`` the model reads (0 = no clinical input).
-    needs_clinical : bool
-        Whether :meth:`forward` requires ``batch.clinical``.
+    use_image, use_clinical : bool
+        Whether :meth:`forward` reads ``batch.instances`` / requires
+        ``batch.clinical``.
+
+    The old spellings ``feature_dim`` (of ``in_dim``), ``uses_image`` (of
+    ``use_image``) and ``needs_clinical`` (of ``use_clinical``) still read
+    these attributes; the first two with a :class:`DeprecationWarning`.
     prediction_level : bool
         The pooling's ``prediction_level``: its output already is the logits.
     config : dict or None
@@ -168,6 +184,10 @@ class MILModel(nn.Module):
     ...
     milcell.exceptions.ShapeError: MILModel: batch.instances has feature size 7 but the model expects 4 ...
     """
+
+    feature_dim = _renamed_attribute("feature_dim", "in_dim")
+    uses_image = _renamed_attribute("uses_image", "use_image")
+    needs_clinical = _renamed_attribute("needs_clinical", "use_clinical")
 
     def __init__(
         self,
@@ -215,11 +235,11 @@ class MILModel(nn.Module):
         self.pooling: MILPooling = pooling
         self.head: FusionHead | None = head
         self.num_classes = num_classes
-        self.feature_dim: int = pooling.in_dim
-        self.uses_image = head.use_image if head is not None else True
-        pool_clin = pooling.uses_clinical and self.uses_image
+        self.in_dim: int = pooling.in_dim
+        self.use_image: bool = head.use_image if head is not None else True
+        pool_clin = pooling.use_clinical and self.use_image
         head_clin = head.use_clinical if head is not None else False
-        self.needs_clinical = pool_clin or head_clin
+        self.use_clinical: bool = pool_clin or head_clin
         dims = set()
         if pool_clin:
             dims.add(int(getattr(pooling, "clinical_dim", 0)))
@@ -257,7 +277,7 @@ class MILModel(nn.Module):
         return batch
 
     def _clinical(self, batch: BagBatch) -> Tensor | None:
-        if not self.needs_clinical:
+        if not self.use_clinical:
             return None
         clinical = batch.clinical
         if clinical is None:
@@ -300,10 +320,10 @@ class MILModel(nn.Module):
                     f"MILModel: this model has no encoder, so batch.instances must be features (T, D), "
                     f"got {tuple(x.shape)} (images need a backbone)"
                 )
-            if x.shape[1] != self.feature_dim:
+            if x.shape[1] != self.in_dim:
                 raise ShapeError(
                     f"MILModel: batch.instances has feature size {x.shape[1]} but the model expects "
-                    f"{self.feature_dim} (feature_dim)"
+                    f"{self.in_dim} (in_dim)"
                 )
         elif x.ndim != 4:
             raise ShapeError(f"MILModel: batch.instances must be images (T, C, H, W), got {tuple(x.shape)}")
@@ -311,7 +331,10 @@ class MILModel(nn.Module):
             raise ShapeError(f"MILModel: batch.instances must be floating point, got {x.dtype}")
         x = x.to(self._dtype())
         if checks_enabled():
-            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            # Row blocks of ~1M values: isfinite's temporaries stay bounded whatever the bag size
+            # (on the whole bag they took ~1.75x its size).
+            rows = max(1, (1 << 20) // max(1, x[:1].numel()))
+            finite = torch.cat([torch.isfinite(part).flatten(1).all(dim=1) for part in x.split(rows)])
             if not bool(finite.all()):
                 bags = batch.bag_index.to(finite.device)[~finite].unique().tolist()
                 ids = [batch.ids[i] for i in bags if i < len(batch.ids)]
@@ -373,7 +396,7 @@ class MILModel(nn.Module):
             )
         x = batch.pad(features)
         mask = batch.mask.to(x.device)
-        pool_clin = clinical if self.pooling.uses_clinical else None
+        pool_clin = clinical if self.pooling.use_clinical else None
         embedding, attention = self.pooling(x, mask, return_attention=True, clinical=pool_clin)
         instance_logits = None
         if isinstance(self.pooling, InstanceMeanPooling):
@@ -436,7 +459,7 @@ class MILModel(nn.Module):
         --------
         >>> import torch
         >>> from milcell.data.bag import Bag, collate_bags
-        >>> model = create_mil_model(None, pooling="attention", feature_dim=4)
+        >>> model = create_mil_model(None, pooling="attention", in_dim=4)
         >>> batch = collate_bags([Bag(torch.randn(3, 4)), Bag(torch.randn(1, 4))])
         >>> embedding, attention = model.pool(model.encode(batch), batch, return_attention=True)
         >>> embedding.shape, attention.shape
@@ -455,7 +478,7 @@ class MILModel(nn.Module):
         ----------
         embedding : Tensor or None
             ``(B, pooling.out_dim)`` from :meth:`pool`; ``None`` for a
-            clinical-only model (``uses_image`` False).
+            clinical-only model (``use_image`` False).
         clinical : Tensor or None, default None
             ``(B, F)``, passed to the head only if it reads clinical
             attributes (and checked there).
@@ -469,7 +492,7 @@ class MILModel(nn.Module):
         Examples
         --------
         >>> import torch
-        >>> model = create_mil_model(None, pooling="mean", fusion="gated", feature_dim=4, clinical_dim=2)
+        >>> model = create_mil_model(None, pooling="mean", fusion="gated", in_dim=4, clinical_dim=2)
         >>> out = model.forward_head(torch.randn(3, 4), torch.randn(3, 2))
         >>> out.logits.shape, out.gate.shape
         (torch.Size([3, 2]), torch.Size([3, 1]))
@@ -478,7 +501,7 @@ class MILModel(nn.Module):
             if embedding is None:
                 raise ShapeError("MILModel.forward_head: a prediction-level model needs the embedding")
             return FusionOutput(embedding, {}, None)
-        return self.head(embedding if self.uses_image else None, clinical if self.head.use_clinical else None)
+        return self.head(embedding if self.use_image else None, clinical if self.head.use_clinical else None)
 
     def forward(self, batch: BagBatch) -> MILOutput:
         """Predict a batch of bags: ``forward_head(pool(encode(batch), batch), clinical)``.
@@ -509,7 +532,7 @@ class MILModel(nn.Module):
         All checks run before the encoder is called.
         """
         self._check_batch(batch)
-        instances = self._instances(batch) if self.uses_image else None
+        instances = self._instances(batch) if self.use_image else None
         clinical = self._clinical(batch)
         embedding = attention = instance_logits = None
         if instances is not None:
@@ -537,22 +560,26 @@ class MILModel(nn.Module):
         Examples
         --------
         >>> from milcell.nn.model import create_mil_model
-        >>> m = create_mil_model(None, pooling="mean", feature_dim=6, num_classes=3)
+        >>> m = create_mil_model(None, pooling="mean", in_dim=6, num_classes=3)
         >>> MILModel.from_config(m.config).config == m.config
         True
         """
         kwargs = dict(copy.deepcopy(dict(config)))
         kwargs["pretrained"] = False
+        if "feature_dim" in kwargs and "in_dim" not in kwargs:  # saved before the rename: no warning
+            kwargs["in_dim"] = kwargs.pop("feature_dim")
         return create_mil_model(**kwargs)
 
 
+# ``feature_dim=`` is the old spelling of ``in_dim=`` (docs/pooling_fusion.rst, "Naming").
+@_renamed_kwargs(feature_dim="in_dim")
 def create_mil_model(
     backbone: str | None = "milcell_mini_resnet_k8",
     pooling: str = "gated_attention",
     fusion: str | None = "linear",
     num_classes: int = 2,
     clinical_dim: int = 0,
-    feature_dim: int | None = None,
+    in_dim: int | None = None,
     pretrained: bool = False,
     trainable: str | int = "all",
     chunk_size: int | None = None,
@@ -570,7 +597,7 @@ def create_mil_model(
     ----------
     backbone : str or None, default "milcell_mini_resnet_k8"
         Backbone name for :func:`~milcell.nn.backbones.create_backbone`;
-        ``None`` for feature bags (instances ``(T, feature_dim)``).
+        ``None`` for feature bags (instances ``(T, in_dim)``).
     pooling : str, default "gated_attention"
         Name for :func:`~milcell.nn.pooling.create_pooling`.
     fusion : str or None, default "linear"
@@ -580,8 +607,11 @@ def create_mil_model(
         Number of classes.
     clinical_dim : int, default 0
         Number ``F`` of clinical attributes per bag.
-    feature_dim : int or None, default None
-        ``D`` of feature bags; required when ``backbone`` is None.
+    in_dim : int or None, default None
+        ``D``, the width of the instance features the pooling takes: required
+        for feature bags (``backbone`` None); with a backbone, optional and
+        checked against its ``num_features``. ``feature_dim=``, its old
+        spelling, is still accepted (deprecated).
     pretrained : bool, default False
         Pretrained backbone weights (see ``create_backbone``).
     trainable : {"all", "head"} or int, default "all"
@@ -614,15 +644,15 @@ def create_mil_model(
     --------
     >>> import torch
     >>> from milcell.data.bag import Bag, collate_bags
-    >>> m = create_mil_model(None, pooling="instance_mean", feature_dim=8, num_classes=5)
+    >>> m = create_mil_model(None, pooling="instance_mean", in_dim=8, num_classes=5)
     >>> out = m(collate_bags([Bag(torch.randn(4, 8), 3)]))
     >>> out.logits.shape, out.instance_logits.shape
     (torch.Size([1, 5]), torch.Size([1, 4, 5]))
     """
     num_classes = check_int(num_classes, "num_classes", low=2)
     clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
-    if feature_dim is not None:
-        feature_dim = check_int(feature_dim, "feature_dim", low=1)
+    if in_dim is not None:
+        in_dim = check_int(in_dim, "in_dim", low=1)
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", low=1)
     if not isinstance(trainable, str):
@@ -635,7 +665,7 @@ def create_mil_model(
         "fusion": fusion,
         "num_classes": num_classes,
         "clinical_dim": clinical_dim,
-        "feature_dim": feature_dim,
+        "in_dim": in_dim,
         "pretrained": pretrained,
         "trainable": trainable,
         "chunk_size": chunk_size,
@@ -661,18 +691,15 @@ def create_mil_model(
 
     encoder: InstanceEncoder | None = None
     if backbone is None:
-        if feature_dim is None:
-            raise ConfigError(
-                "create_mil_model: feature_dim is required when backbone is None (feature bags)"
-            )
-        in_dim = feature_dim
+        if in_dim is None:
+            raise ConfigError("create_mil_model: in_dim is required when backbone is None (feature bags)")
     else:
         net = create_backbone(
             backbone, pretrained=config["pretrained"], trainable=trainable, **config["backbone_kwargs"]
         )
-        if feature_dim is not None and feature_dim != net.num_features:
+        if in_dim is not None and in_dim != net.num_features:
             raise ConfigError(
-                f"create_mil_model: feature_dim={feature_dim} but backbone {backbone!r} gives "
+                f"create_mil_model: in_dim={in_dim} but backbone {backbone!r} gives "
                 f"{net.num_features} features"
             )
         encoder = InstanceEncoder(

@@ -57,12 +57,14 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +78,7 @@ __all__ = [
     "AttentionPooling",
     "ConvPooling",
     "GatedAttentionPooling",
+    "HiddenSizes",
     "InstanceMeanPooling",
     "LSEPooling",
     "MILPooling",
@@ -93,6 +96,11 @@ _POOLINGS: Registry[MILPooling] = Registry("pooling")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: A hidden-layer specification: one width (one hidden layer) or a sequence of widths, one per
+#: hidden layer (``()``: none). Every ``hidden`` / ``*_hidden`` argument of the poolings and fusion
+#: heads takes it; :func:`_check_hidden` is the one helper that reads it.
+HiddenSizes = Union[int, Sequence[int]]  # noqa: UP007  (a runtime alias: Python 3.10 has no `type`)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -108,13 +116,79 @@ def _check_dropout(value: Any, name: str = "dropout") -> float:
     return check_real(value, name, low=0.0, high=1.0, high_open=True)
 
 
-def _check_hidden(hidden: Any, name: str = "hidden") -> tuple[int, ...]:
-    """Hidden layer sizes: one integer or a sequence of integers, each ``>= 1``."""
+def _check_hidden(hidden: Any, name: str = "hidden", *, length: int | None = None) -> tuple[int, ...]:
+    """Read a :data:`HiddenSizes`: an integer or a sequence of integers, each ``>= 1``.
+
+    Returns the widths as a tuple of plain ints (``8 -> (8,)``, ``[16, 8] -> (16, 8)``). With
+    ``length``, exactly that many widths are required (attention pooling has one hidden layer).
+    """
     if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
+    if length == 1:
+        constraint = "an integer >= 1 (or a tuple of one)"
+    elif length is None:
+        constraint = "an integer >= 1 or a tuple of integers >= 1"
+    else:
+        constraint = f"a tuple of {length} integers >= 1"
     if not isinstance(hidden, Sequence) or isinstance(hidden, str):
-        raise constraint_error(name, "a tuple of integers >= 1", hidden)
+        raise constraint_error(name, constraint, hidden)
+    if length is not None and len(hidden) != length:
+        raise constraint_error(name, constraint, hidden)
+    if length == 1:
+        return (check_int(hidden[0], name, low=1),)
     return tuple(check_int(h, f"{name}[{i}]", low=1) for i, h in enumerate(hidden))
+
+
+def _renamed_kwargs(warn: bool = True, **renames: str) -> Callable[[F], F]:
+    """Decorator: accept each old keyword of ``renames`` (``old="new"``) as its new name.
+
+    The old keyword is mapped to the new one, with a :class:`DeprecationWarning` naming the new
+    spelling when ``warn`` is True (``warn=False`` while an in-repo caller still uses it).
+    Passing both spellings is a :class:`~milcell.exceptions.ConfigError`.
+    """
+
+    def decorate(fn: F) -> F:
+        owner = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise ConfigError(f"{owner}: pass {new}= only ({old}= is its deprecated name)")
+                    if warn:
+                        warnings.warn(
+                            f"{owner}: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2
+                        )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _renamed_attribute(old: str, new: str, warn: bool = True) -> property:
+    """A property ``old`` reading (and writing) the attribute ``new``.
+
+    It warns with a :class:`DeprecationWarning` naming the new spelling when ``warn`` is True.
+    """
+
+    def _warn(obj: Any) -> None:
+        if warn:
+            warnings.warn(
+                f"{type(obj).__name__}.{old} is deprecated, use .{new}", DeprecationWarning, stacklevel=3
+            )
+
+    def get(self: Any) -> Any:
+        _warn(self)
+        return getattr(self, new)
+
+    def set_(self: Any, value: Any) -> None:
+        _warn(self)
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated spelling of ``{new}``.")
 
 
 def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:
@@ -295,19 +369,34 @@ class MILPooling(nn.Module):
     prediction_level : bool
         ``True`` when the output is already class scores (``instance_mean``),
         so a model must not put a fusion head with hidden layers on it.
-    uses_clinical : bool
+    use_clinical : bool
         ``True`` when :meth:`forward` needs the bag's ``clinical`` attributes.
         Poolings that do not use them ignore a ``clinical`` argument.
+        (``uses_clinical``, its old spelling, still works with a
+        :class:`DeprecationWarning`.)
 
     Examples
     --------
     >>> pool = MeanPooling(3)
-    >>> pool.prediction_level, pool.uses_clinical, pool.out_dim
+    >>> pool.prediction_level, pool.use_clinical, pool.out_dim
     (False, False, 3)
     """
 
     prediction_level: bool = False
-    uses_clinical: bool = False
+    use_clinical: bool = False
+    uses_clinical = _renamed_attribute("uses_clinical", "use_clinical")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        old = cls.__dict__.get("uses_clinical")
+        if old is not None and not isinstance(old, property):  # a pooling written for the old name
+            warnings.warn(
+                f"{cls.__name__}.uses_clinical is deprecated, define use_clinical instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.use_clinical = bool(old)
+            del cls.uses_clinical
 
     def __init__(self, in_dim: int) -> None:
         super().__init__()
@@ -377,7 +466,7 @@ class MILPooling(nn.Module):
             Also return the per-instance weights.
         clinical : Tensor or None, default None
             ``(B, F)`` clinical attributes; used only by poolings whose
-            ``uses_clinical`` is True, ignored by the others.
+            ``use_clinical`` is True, ignored by the others.
 
         Returns
         -------
@@ -545,8 +634,9 @@ class AttentionPooling(MILPooling):
     ----------
     in_dim : int
         Feature size ``D``; ``out_dim == D``.
-    hidden : int, default 128
-        Size ``L`` of the attention MLP.
+    hidden : int or tuple of one int, default 128
+        Size ``L`` of the attention MLP's one hidden layer (a
+        :data:`HiddenSizes` of length 1; stored as an ``int``).
     dropout : float, default 0.0
         Dropout on the attention MLP's hidden activations.
 
@@ -560,9 +650,9 @@ class AttentionPooling(MILPooling):
 
     gated: bool = False
 
-    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, hidden: HiddenSizes = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim)
-        self.hidden = check_int(hidden, "hidden", low=1)
+        self.hidden = _check_hidden(hidden, length=1)[0]
         self.attention_v = nn.Linear(self.in_dim, self.hidden)
         self.attention_u = nn.Linear(self.in_dim, self.hidden) if self.gated else None
         self.attention_w = nn.Linear(self.hidden, 1)
@@ -595,8 +685,8 @@ class GatedAttentionPooling(AttentionPooling):
     ----------
     in_dim : int
         Feature size ``D``; ``out_dim == D``.
-    hidden : int, default 128
-        Size ``L`` of the attention MLP.
+    hidden : int or tuple of one int, default 128
+        Size ``L`` of the attention MLP's one hidden layer.
     dropout : float, default 0.0
         Dropout on the gated hidden activations.
 
@@ -796,18 +886,19 @@ class InstanceMeanPooling(MILPooling):
         Feature size ``D`` of the instances.
     num_classes : int, default 2
         Number of classes ``C >= 2``; ``out_dim == C``.
-    hidden : tuple of int, default ()
-        Hidden sizes of the instance classifier; ``()`` is a linear classifier.
+    hidden : int or tuple of int, default ()
+        Hidden sizes of the instance classifier (a :data:`HiddenSizes`);
+        ``()`` is a linear classifier.
     dropout : float, default 0.0
         Dropout after each hidden ReLU.
     clinical_dim : int, default 0
         Number ``F`` of clinical attributes broadcast to every instance; ``0``
-        means none, and then ``uses_clinical`` is False.
+        means none, and then ``use_clinical`` is False.
 
     Examples
     --------
     >>> pool = InstanceMeanPooling(4, num_classes=3, hidden=(8,), clinical_dim=2)
-    >>> pool.prediction_level, pool.uses_clinical, pool.out_dim
+    >>> pool.prediction_level, pool.use_clinical, pool.out_dim
     (True, True, 3)
     >>> x, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     >>> logp = pool(x, mask, clinical=torch.randn(2, 2))
@@ -823,7 +914,7 @@ class InstanceMeanPooling(MILPooling):
         self,
         in_dim: int,
         num_classes: int = 2,
-        hidden: Sequence[int] = (),
+        hidden: HiddenSizes = (),
         dropout: float = 0.0,
         clinical_dim: int = 0,
     ) -> None:
@@ -831,7 +922,7 @@ class InstanceMeanPooling(MILPooling):
         self.num_classes = check_int(num_classes, "num_classes", low=2)
         self.hidden = _check_hidden(hidden)
         self.clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
-        self.uses_clinical = self.clinical_dim > 0
+        self.use_clinical = self.clinical_dim > 0
         self.out_dim = self.num_classes
         self.classifier = _mlp(
             self.in_dim + self.clinical_dim, self.hidden, self.num_classes, _check_dropout(dropout)
@@ -839,7 +930,7 @@ class InstanceMeanPooling(MILPooling):
 
     def _logits(self, x: Tensor, mask: Tensor, clinical: Tensor | None) -> Tensor:
         inp = x
-        if self.uses_clinical:
+        if self.use_clinical:
             c = _check_clinical(clinical, x.shape[0], self.clinical_dim, "this instance_mean pooling")
             c = c.to(device=x.device, dtype=x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
             inp = torch.cat([x, c], dim=-1)

@@ -1,13 +1,22 @@
-"""Safe, atomic training checkpoints.
+"""Safe, atomic, verified training checkpoints.
 
-A checkpoint is a directory of three files:
+A checkpoint is a directory holding one *record*, ``checkpoint.json``, and the
+files of the version it names::
+
+    last/
+      checkpoint.json            the record, and the commit point
+      v000004-k2j8x1ab/          the version it names
+        model.safetensors
+        training_state.pt
+        checkpoint.json          a copy of the record
 
 ``model.safetensors``
     The model weights (``state_dict``, buffers included), loadable without
     torch's pickle at all.
 ``checkpoint.json``
     A small human-readable record: the model's ``config`` (when the model has
-    a ``config`` attribute), the epoch, the monitored metric and its value.
+    a ``config`` attribute), the epoch, the monitored metric and its value,
+    the version folder and the SHA-256 digest and size of each file.
 ``training_state.pt``
     Everything needed to resume: optimizer, scheduler and gradient-scaler
     states, the epoch, the trainer's bookkeeping and the random states
@@ -15,10 +24,18 @@ A checkpoint is a directory of three files:
     tensors and plain containers and is read with
     ``torch.load(..., weights_only=True)``, so a malicious file cannot run code.
 
-Every file is written to a temporary name, and all three are renamed into
-place only once all are written, so a crash while writing leaves the previous
-checkpoint whole. Files of one checkpoint carry the same
-epoch, checked on load.
+Saving writes and syncs a new version folder, then replaces the record in one
+atomic rename (the single commit point), then removes the previous version. A
+crash at any point leaves a record naming a complete version: the previous
+one until the rename, the new one after it. Loading verifies each file against
+the digest in the record before reading it (torch's zip reader does not check
+its CRCs), so a flipped byte is a :class:`~milcell.exceptions.CheckpointError`
+naming the file. Checkpoints written by milcell before versions and digests
+(the three files side by side) still load, logged as unverified.
+
+While saving, the directory is locked (:func:`milcell._locks.folder_lock`):
+a second process saving into it gets a :class:`~milcell.exceptions.LockError`
+instead of removing the first one's files.
 
 Examples
 --------
@@ -34,12 +51,15 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import logging
 import os
 import pickle
 import random
+import re
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,12 +72,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from milcell._locks import folder_lock
 from milcell._utils import atomic_path, json_safe
 from milcell.exceptions import CheckpointError
 
 __all__ = [
     "Checkpoint",
     "capture_rng_state",
+    "checkpoint_file",
+    "file_sha256",
     "load_checkpoint",
     "load_weights",
     "restore_rng_state",
@@ -69,7 +92,59 @@ logger = logging.getLogger("milcell")
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "checkpoint.json"
 STATE_NAME = "training_state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_VERSION_RE = re.compile(r"^v\d{6,}-[A-Za-z0-9_]+$")
+_CHUNK = 1 << 20
+
+
+def _reached(step: str, directory: Path) -> None:
+    """Called after each step of a checkpoint publish; a no-op (the fault tests replace it)."""
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 digest of a file, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+
+    Returns
+    -------
+    str
+        64 hexadecimal characters.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as fh:
+    ...     _ = fh.write(b"abc"); fh.flush()
+    ...     file_sha256(fh.name)[:16]
+    'ba7816bf8f01cfea'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -180,7 +255,12 @@ def save_checkpoint(
     trainer_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory (weights, JSON record, training state), atomically per file.
+    """Write a checkpoint directory (weights, JSON record, training state) with one commit point.
+
+    The files go to a new version folder inside ``path``; the record
+    ``checkpoint.json``, with each file's SHA-256 digest, is then replaced in
+    one atomic rename, and the previous version is removed. A crash at any
+    point leaves the previous checkpoint or the new one, whole.
 
     Parameters
     ----------
@@ -212,14 +292,16 @@ def save_checkpoint(
     ------
     CheckpointError
         If a file cannot be written.
+    milcell.exceptions.LockError
+        If another process is saving into ``path``.
 
     Examples
     --------
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     p = save_checkpoint(f"{tmp}/ckpt", torch.nn.Linear(2, 1), epoch=1)
-    ...     sorted(f.name for f in p.iterdir())
-    ['checkpoint.json', 'model.safetensors', 'training_state.pt']
+    ...     [f.name for f in sorted(p.iterdir())], checkpoint_file(p).parent.name[:8]
+    (['checkpoint.json', 'v000001-...'], 'v000001-')
     """
     directory = Path(path)
     module = _unwrap(model)
@@ -243,29 +325,70 @@ def save_checkpoint(
     }
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for name in (STATE_NAME, WEIGHTS_NAME, META_NAME):  # temporary files left by a killed writer
-            for stale in directory.glob(f".{name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        # All three files are written and synced under temporary names before any is renamed
-        # into place, so a crash while writing leaves the previous checkpoint whole. The
-        # renames run in reverse order of entry: state, weights, then the JSON, whose epoch
-        # is what a reader checks the others against.
-        with contextlib.ExitStack() as stack:
-            tmp_meta = stack.enter_context(atomic_path(directory / META_NAME))
-            tmp_weights = stack.enter_context(atomic_path(directory / WEIGHTS_NAME))
-            tmp_state = stack.enter_context(atomic_path(directory / STATE_NAME))
-            torch.save(state, tmp_state)
-            safetensors.torch.save_model(
-                module, str(tmp_weights), metadata={"epoch": str(int(epoch))}, force_contiguous=True
-            )
-            tmp_meta.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-            for tmp in (tmp_state, tmp_weights, tmp_meta):
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
+        with folder_lock(directory, what="checkpoint folder"):
+            _publish(directory, module, int(epoch), meta, state)
     except (OSError, RuntimeError, pickle.PicklingError) as exc:
         raise CheckpointError(f"could not write checkpoint {directory}: {exc}") from exc
     logger.debug("saved checkpoint %s (epoch %d)", directory, epoch)
     return directory
+
+
+def _publish(
+    directory: Path, module: nn.Module, epoch: int, meta: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """Write a new version folder, commit it by replacing the record, remove older versions.
+
+    Runs under the directory's lock, so every other version folder or temporary file is
+    garbage of a dead writer (or the previous version, once the new one is committed).
+    """
+    version = Path(tempfile.mkdtemp(prefix=f"v{epoch:06d}-", dir=directory))
+    try:
+        _reached("version folder created", directory)
+        torch.save(state, version / STATE_NAME)
+        _fsync_file(version / STATE_NAME)
+        _reached("state written", directory)
+        safetensors.torch.save_model(
+            module, str(version / WEIGHTS_NAME), metadata={"epoch": str(epoch)}, force_contiguous=True
+        )
+        _fsync_file(version / WEIGHTS_NAME)
+        _reached("weights written", directory)
+        record = {
+            **meta,
+            "version": version.name,
+            "files": {
+                name: {"sha256": file_sha256(version / name), "size": (version / name).stat().st_size}
+                for name in (WEIGHTS_NAME, STATE_NAME)
+            },
+        }
+        text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+        (version / META_NAME).write_text(text, encoding="utf-8")
+        _fsync_file(version / META_NAME)
+        os.chmod(version, 0o777 & ~_umask())
+        _fsync_dir(version)
+        _reached("version written", directory)
+        with atomic_path(directory / META_NAME) as tmp:  # the commit point: one os.replace
+            tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)  # not committed: the previous version stays
+        raise
+    _fsync_dir(directory)
+    _reached("committed", directory)
+    for entry in directory.iterdir():
+        stale_version = _VERSION_RE.match(entry.name) and entry.is_dir() and entry.name != version.name
+        stale_tmp = entry.name.startswith(f".{META_NAME}.") and entry.name.endswith(".tmp")
+        # Files of a checkpoint written before versions (the three files side by side).
+        legacy = entry.name in (WEIGHTS_NAME, STATE_NAME) and entry.is_file()
+        if stale_version:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif stale_tmp or legacy:
+            entry.unlink(missing_ok=True)
+    _reached("cleaned", directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------- load
@@ -310,12 +433,102 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _weights_file(path: Path) -> Path:
+def _recorded(meta: Mapping[str, Any], name: str) -> str | None:
+    """The SHA-256 the record holds for file ``name``, or None (a checkpoint without digests)."""
+    files = meta.get("files")
+    entry = files.get(name) if isinstance(files, Mapping) else None
+    digest = entry.get("sha256") if isinstance(entry, Mapping) else None
+    return digest if isinstance(digest, str) else None
+
+
+def _files_folder(directory: Path, meta: Mapping[str, Any]) -> Path:
+    """Where the files of the checkpoint recorded by ``meta`` lie: its version folder, or ``directory``."""
+    version = meta.get("version")
+    if version is None:
+        return directory
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise CheckpointError(
+            f"checkpoint record {directory / META_NAME} names an invalid version {version!r}"
+        )
+    return directory / version
+
+
+def _verify(file: Path, meta: Mapping[str, Any], record: Path) -> None:
+    """Check ``file`` against its digest in ``meta`` (read from ``record``); log when there is none."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} does not exist (named by {record})")
+    expected = _recorded(meta, file.name)
+    if expected is None:
+        logger.info(
+            "checkpoint file %s has no recorded digest (written by an older milcell); unverified", file
+        )
+        return
+    try:
+        actual = file_sha256(file)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint file {file} is unreadable: {exc}") from exc
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint file {file} is truncated or corrupt: its SHA-256 {actual[:12]}... differs from the "
+            f"{expected[:12]}... recorded in {record} (modified or damaged on disk)"
+        )
+
+
+def checkpoint_file(path: str | os.PathLike[str], name: str = WEIGHTS_NAME) -> Path:
+    """The path of file ``name`` of the checkpoint in directory ``path`` (not verified).
+
+    Parameters
+    ----------
+    path : path-like
+        A checkpoint directory written by :func:`save_checkpoint`.
+    name : {"model.safetensors", "training_state.pt", "checkpoint.json"}
+        Which file. ``checkpoint.json`` is the record at the top of the directory.
+
+    Returns
+    -------
+    pathlib.Path
+        Inside the version folder the record names (``path`` itself for a
+        checkpoint written before versions).
+
+    Raises
+    ------
+    CheckpointError
+        If ``path`` holds no readable record.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     f = checkpoint_file(save_checkpoint(tmp, torch.nn.Linear(2, 1), epoch=3), "training_state.pt")
+    ...     f.parent.name[:8], f.name, f.is_file()
+    ('v000003-', 'training_state.pt', True)
+    """
+    directory = Path(path)
+    if name == META_NAME:
+        return directory / META_NAME
+    return _files_folder(directory, _read_meta(directory)) / name
+
+
+def _weights_file(path: Path) -> tuple[Path, Mapping[str, Any] | None, Path | None]:
+    """The weights file for ``path`` (a checkpoint directory or a file) and its record, if any."""
     if path.is_dir():
-        path = path / WEIGHTS_NAME
+        meta = _read_meta(path)
+        return _files_folder(path, meta) / WEIGHTS_NAME, meta, path / META_NAME
+    record = path.parent / META_NAME
+    if not path.exists() and path.name == WEIGHTS_NAME and record.is_file():
+        # ``last/model.safetensors`` of a versioned checkpoint: follow the record.
+        meta = _read_meta(path.parent)
+        return _files_folder(path.parent, meta) / WEIGHTS_NAME, meta, record
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    return path
+    if record.is_file():  # a file inside a checkpoint (or version) folder: check it against the record
+        try:
+            found: Any = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found = None
+        if isinstance(found, dict) and _recorded(found, path.name) is not None:
+            return path, found, record
+    return path, None, None
 
 
 def load_weights(path: str | os.PathLike[str], model: nn.Module, strict: bool = True) -> nn.Module:
@@ -338,8 +551,9 @@ def load_weights(path: str | os.PathLike[str], model: nn.Module, strict: bool = 
     Raises
     ------
     CheckpointError
-        If the file is missing, truncated or corrupt, or the keys or shapes
-        do not match the model; the message names the file.
+        If the file is missing, truncated or corrupt (including a digest that
+        differs from the one recorded in the checkpoint), or the keys or
+        shapes do not match the model; the message names the file.
 
     Examples
     --------
@@ -350,7 +564,11 @@ def load_weights(path: str | os.PathLike[str], model: nn.Module, strict: bool = 
     >>> torch.equal(src.weight, dst.weight)
     True
     """
-    file = _weights_file(Path(path))
+    file, meta, record = _weights_file(Path(path))
+    if meta is not None and record is not None:
+        _verify(file, meta, record)
+    elif not file.is_file():
+        raise CheckpointError(f"weights file {file} does not exist")
     module = _unwrap(model)
     try:
         missing, unexpected = safetensors.torch.load_model(module, str(file), strict=strict)
@@ -424,8 +642,9 @@ def load_checkpoint(
     Raises
     ------
     CheckpointError
-        If the directory or a file is missing, truncated, corrupt, unsafe
-        (a pickle that would run code) or inconsistent; the message names it.
+        If the directory or a file is missing, truncated, corrupt (its
+        SHA-256 differs from the recorded one), unsafe (a pickle that would
+        run code) or inconsistent; the message names it.
 
     Examples
     --------
@@ -442,11 +661,13 @@ def load_checkpoint(
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     meta = _read_meta(directory)
+    folder = _files_folder(directory, meta)
     if model is not None:
         load_weights(directory, model, strict=strict)
     state: dict[str, Any] = {}
     if load_state:
-        state = _read_state(directory / STATE_NAME, map_location)
+        _verify(folder / STATE_NAME, meta, directory / META_NAME)
+        state = _read_state(folder / STATE_NAME, map_location)
         if int(state["epoch"]) != int(meta["epoch"]):
             raise CheckpointError(
                 f"checkpoint {directory} is inconsistent: {META_NAME} says epoch {meta['epoch']} but "

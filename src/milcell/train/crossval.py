@@ -26,6 +26,16 @@ out-of-fold predictions and the fold's indices), each atomically. A rerun
 loads every fold that has ``result.json`` instead of training it again, so a
 run interrupted after fold ``k`` resumes at fold ``k + 1``.
 
+A fold is reused or resumed only when it was trained with the same settings:
+before training, each fold folder records ``settings.json`` — the model's
+configuration, the trainer options (``lr``, ``max_epochs``, ``monitor``, ...;
+not ``progress`` or ``device``), ``batch_size``, ``sampler``, the split
+(``n_splits``, ``n_repeats``, ``seed``, a digest of the labels and groups)
+and the caller's ``fingerprint`` (e.g. preprocessing and data identity).
+When any existing fold differs, :func:`cross_validate` refuses before
+touching anything, with a :class:`~milcell.exceptions.ConfigError` naming the
+differing settings; ``overwrite=True`` discards the existing folds instead.
+
 Reproducibility
 ---------------
 Before fold ``(r, k)`` builds its model the global torch generator is seeded
@@ -42,7 +52,7 @@ Examples
 >>> labels = [0, 1] * 6
 >>> ds = FeatureBagDataset([torch.randn(3, 4, generator=g) + y for y in labels], labels=labels)
 >>> result = cross_validate(
-...     lambda: create_mil_model(None, pooling="mean", feature_dim=4),
+...     lambda: create_mil_model(None, pooling="mean", in_dim=4),
 ...     lambda fold: (feature_subset(ds, fold.train), feature_subset(ds, fold.val)),
 ...     labels, n_splits=3, batch_size=2, trainer_kwargs={"max_epochs": 2, "progress": False},
 ... )
@@ -54,9 +64,11 @@ balanced_accuracy  ... ± ...
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +93,24 @@ from milcell.train.checkpoint import load_weights
 from milcell.train.distributed import is_main_process, make_loader
 from milcell.train.fit import fit_model
 
-__all__ = ["CVResult", "OOFPredictions", "cross_validate", "feature_subset"]
+__all__ = [
+    "CVResult",
+    "OOFPredictions",
+    "cross_validate",
+    "feature_subset",
+    "fold_settings",
+    "settings_differences",
+    "stale_folds",
+]
 
 logger = logging.getLogger("milcell")
 
 RESULT_NAME = "result.json"
 WEIGHTS_NAME = "model.safetensors"
-_RESULT_VERSION = 1
+SETTINGS_NAME = "settings.json"
+_RESULT_VERSION = 2
+#: Trainer options that do not change a fold's result (left out of the settings fingerprint).
+_UNFINGERPRINTED = frozenset({"progress", "device", "class_names", "log_every", "num_workers"})
 _DEFAULT_TABLE = ("balanced_accuracy", "sensitivity", "specificity", "auc")
 _RESERVED_TRAINER_KWARGS = ("output_dir", "optimizer", "scheduler", "callbacks")
 
@@ -277,6 +300,219 @@ def _fold_dir(output_dir: Path, fold: Fold) -> Path:
     return output_dir / f"fold_{fold.repeat}_{fold.fold}"
 
 
+def _digest(*arrays: Any) -> str:
+    """A short sha256 of arrays or JSON values (labels, groups, data identity)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(json.dumps(json_safe(np.asarray(a).tolist() if a is not None else None)).encode())
+    return h.hexdigest()[:16]
+
+
+def fold_settings(
+    model: nn.Module | None,
+    labels: ArrayLike,
+    groups: ArrayLike | None,
+    *,
+    n_splits: int,
+    n_repeats: int,
+    seed: int,
+    batch_size: int,
+    sampler: str | None,
+    drop_last: bool,
+    trainer_kwargs: Mapping[str, Any] | None,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The flat settings fingerprint :func:`cross_validate` records with every fold (JSON-ready).
+
+    Parameters
+    ----------
+    model : nn.Module or None
+        A model as ``build_model`` returns it: its ``config`` (or, without
+        one, its ``repr``) goes in.
+    labels, groups, n_splits, n_repeats, seed, batch_size, sampler, drop_last, trainer_kwargs
+        As for :func:`cross_validate`.
+    fingerprint : mapping, optional
+        Extra settings of the caller (preprocessing, data identity, ...).
+
+    Returns
+    -------
+    dict
+        ``name -> value``; two runs that may share folds have equal settings.
+
+    Examples
+    --------
+    >>> s = fold_settings(None, [0, 1, 0, 1], None, n_splits=2, n_repeats=1, seed=0, batch_size=2,
+    ...                   sampler=None, drop_last=False, trainer_kwargs={"lr": 0.01, "progress": False})
+    >>> s["lr"], "progress" in s, s["n_splits"]
+    (0.01, False, 2)
+    """
+    settings: dict[str, Any] = {}
+    if model is not None:
+        config = getattr(model, "config", None)
+        if isinstance(config, Mapping):
+            settings.update({k: v for k, v in config.items()})
+        else:
+            settings["model"] = hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+    settings.update({k: v for k, v in (trainer_kwargs or {}).items() if k not in _UNFINGERPRINTED})
+    settings.update(
+        {
+            "n_splits": n_splits,
+            "n_repeats": n_repeats,
+            "seed": seed,
+            "batch_size": batch_size,
+            "sampler": sampler,
+            "drop_last": bool(drop_last),
+            "labels": _digest(
+                labels, None if groups is None else np.asarray(groups, dtype=object).astype(str)
+            ),
+        }
+    )
+    settings.update(dict(fingerprint or {}))
+    result: dict[str, Any] = json.loads(json.dumps(json_safe(settings)))
+    return result
+
+
+def settings_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, str]:
+    """``("pooling='gated_attention', lr=0.002", "pooling='max', lr=0.01")``: the differing settings.
+
+    Examples
+    --------
+    >>> settings_differences({"lr": 0.002, "seed": 0}, {"lr": 0.01, "seed": 0})
+    ('lr=0.002', 'lr=0.01')
+    """
+    keys = [k for k in new if old.get(k, _MISSING) != new[k]]
+    keys += [k for k in old if k not in new]
+
+    def show(values: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k}={values[k]!r}" if k in values else f"{k} unset" for k in keys)
+
+    return show(old), show(new)
+
+
+_MISSING = object()
+
+
+def _stored_settings(fold_dir: Path) -> dict[str, Any] | None:
+    """The settings recorded in a fold folder; ``None`` when it records none (an older milcell)."""
+    path = fold_dir / SETTINGS_NAME
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cross_validate: settings file '{path}' is unreadable: {exc}") from exc
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"cross_validate: settings file '{path}' does not hold a JSON object")
+    return stored
+
+
+def stale_folds(
+    output_dir: str | os.PathLike[str], settings: Mapping[str, Any]
+) -> list[tuple[Path, str, str]]:
+    """Fold folders under ``output_dir`` trained with other settings: ``(folder, was, now)`` each.
+
+    A fold folder that holds files but no ``settings.json`` (written by an
+    older milcell) counts as different. An absent ``output_dir`` has none.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> stale_folds(tempfile.mkdtemp(), {"lr": 0.01})
+    []
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for fold_dir in sorted(p for p in root.glob("fold_*_*") if p.is_dir()):
+        stored = _stored_settings(fold_dir)
+        if stored is None:
+            if any(fold_dir.iterdir()):
+                found.append((fold_dir, "an unrecorded configuration (older milcell)", "the given settings"))
+            continue
+        if stored != dict(settings):
+            was, now = settings_differences(stored, settings)
+            found.append((fold_dir, was, now))
+    return found
+
+
+def _check_output_dir(root: Path, settings: Mapping[str, Any], overwrite: bool) -> None:
+    stale = stale_folds(root, settings)
+    if not stale:
+        return
+    if overwrite:
+        for fold_dir, was, _ in stale:
+            logger.warning("cross_validate: overwrite: discarding %s (trained with %s)", fold_dir, was)
+            shutil.rmtree(fold_dir)
+        return
+    fold_dir, was, now = stale[0]
+    raise ConfigError(
+        f"cross_validate: output_dir '{root}' holds {len(stale)} fold(s) trained with {was}; now {now} "
+        f"(first: {fold_dir.name}): pass overwrite=True to replace them, or the same settings to resume"
+    )
+
+
+_RESULT_SCHEMA: dict[str, tuple[type, ...]] = {
+    "version": (int,),
+    "train": (list,),
+    "val": (list,),
+    "metrics": (dict,),
+    "history": (list,),
+    "oof": (dict,),
+}
+_OOF_KEYS = ("ids", "indices", "probabilities", "labels")
+
+
+def _check_result(record: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise CheckpointError(f"cross_validate: fold result '{path}' does not hold a JSON object")
+    for key, types in _RESULT_SCHEMA.items():
+        if key not in record:
+            raise CheckpointError(f"cross_validate: fold result '{path}' lacks the key {key!r}")
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(
+                f"cross_validate: fold result '{path}': {key!r} must be a {types[0].__name__}, "
+                f"got {type(value).__name__} {value!r:.60}"
+            )
+    for key, value in record["metrics"].items():
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"cross_validate: fold result '{path}': metric {key!r} is not a number: {value!r:.60}"
+            ) from None
+    missing = [k for k in _OOF_KEYS if not isinstance(record["oof"].get(k), list)]
+    if missing:
+        raise CheckpointError(f"cross_validate: fold result '{path}': 'oof' lacks the list(s) {missing}")
+    if not all(isinstance(row, dict) for row in record["history"]):
+        raise CheckpointError(f"cross_validate: fold result '{path}': 'history' must be a list of objects")
+    return record
+
+
+def _check_split(record: Mapping[str, Any], fold_dir: Path, fold: Fold) -> None:
+    if record.get("train") != fold.train.tolist() or record.get("val") != fold.val.tolist():
+        raise ConfigError(
+            f"cross_validate: {fold_dir} holds fold {fold.fold} of repeat {fold.repeat} with other "
+            "patients than this run's split (different labels, groups, n_splits or seed?); "
+            "use another output_dir or delete it"
+        )
+
+
+def _check_splits(root: Path, folds: Sequence[Fold], overwrite: bool) -> None:
+    """Refuse folds of another split first: the most likely mistake, with the most specific message."""
+    if overwrite:
+        return
+    for fold in folds:
+        result_file = _fold_dir(root, fold) / RESULT_NAME
+        try:
+            record = json.loads(result_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            _check_split(record, result_file.parent, fold)
+
+
 def _load_finished(
     fold_dir: Path, fold: Fold, build_model: Callable[[], nn.Module], keep_models: bool
 ) -> tuple[dict[str, Any], nn.Module | None] | None:
@@ -284,19 +520,17 @@ def _load_finished(
     if not result_file.is_file():
         return None
     try:
-        record = json.loads(result_file.read_text(encoding="utf-8"))
+        raw = json.loads(result_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         logger.warning("cross_validate: %s is unreadable (%s); the fold is trained again", result_file, exc)
         return None
-    if not isinstance(record, dict) or record.get("version") != _RESULT_VERSION:
-        logger.warning("cross_validate: %s has an unknown layout; the fold is trained again", result_file)
-        return None
-    if record.get("train") != fold.train.tolist() or record.get("val") != fold.val.tolist():
-        raise ConfigError(
-            f"cross_validate: {fold_dir} holds fold {fold.fold} of repeat {fold.repeat} with other "
-            "patients than this run's split (different labels, groups, n_splits or seed?); "
-            "use another output_dir or delete it"
+    record = _check_result(raw, result_file)
+    if record["version"] != _RESULT_VERSION:
+        raise CheckpointError(
+            f"cross_validate: fold result '{result_file}' has version {record['version']!r}, not "
+            f"{_RESULT_VERSION}; pass overwrite=True to train the fold again"
         )
+    _check_split(record, fold_dir, fold)
     model = None
     if keep_models:
         model = build_model()
@@ -377,6 +611,8 @@ def cross_validate(
     output_dir: str | os.PathLike[str] | None = None,
     keep_models: bool = True,
     callbacks_factory: Callable[[Fold], Sequence[Any]] | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> CVResult:
     """Stratified patient-level k-fold cross-validation with a fresh model per fold.
 
@@ -427,6 +663,15 @@ def cross_validate(
         Return the fold models (on the CPU).
     callbacks_factory : callable, optional
         ``Fold -> callbacks`` for the fold's trainer.
+    fingerprint : mapping, optional
+        Further settings that determine a fold's result and that
+        ``cross_validate`` cannot see (preprocessing, data identity): recorded
+        with every fold and compared on resume (see the module docstring).
+        ``build_optimizer``, ``build_scheduler`` and ``callbacks_factory`` are
+        code and are not compared: describe them here when they change.
+    overwrite : bool, default False
+        Discard the folds of ``output_dir`` trained with other settings
+        instead of refusing.
 
     Returns
     -------
@@ -435,7 +680,12 @@ def cross_validate(
     Raises
     ------
     ConfigError
-        Invalid arguments, or an ``output_dir`` holding folds of another split.
+        Invalid arguments, an ``output_dir`` holding folds of another split,
+        or folds trained with other settings (without ``overwrite``); the
+        message names the differing settings.
+    CheckpointError
+        A finished fold's ``result.json`` that is unreadable or lacks a key
+        (the message names the file and the key).
     DataError
         Datasets that do not match the fold.
     """
@@ -458,6 +708,26 @@ def cross_validate(
     g = None if groups is None else np.asarray(groups, dtype=object)  # as patient_kfold reads them
     folds = patient_kfold(y, g, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
     root = None if output_dir is None else Path(output_dir)
+    settings: dict[str, Any] | None = None
+    if root is not None:
+        with torch.random.fork_rng(devices=[]):
+            probe = build_model()
+        settings = fold_settings(
+            probe,
+            y,
+            g,
+            n_splits=n_splits,
+            n_repeats=n_repeats,
+            seed=seed,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            trainer_kwargs=kwargs,
+            fingerprint=fingerprint,
+        )
+        del probe
+        _check_splits(root, folds, bool(overwrite))
+        _check_output_dir(root, settings, bool(overwrite))
 
     fold_rows: list[dict[str, float]] = []
     histories: list[list[dict[str, float]]] = []
@@ -485,6 +755,7 @@ def cross_validate(
                 build_scheduler=build_scheduler,
                 fold_dir=fold_dir,
                 callbacks_factory=callbacks_factory,
+                settings=settings,
             )
         metrics = {k: float(v) for k, v in record["metrics"].items()}
         fold_rows.append({**metrics, "repeat": float(fold.repeat), "fold": float(fold.fold)})
@@ -529,7 +800,12 @@ def _run_fold(
     build_scheduler: Callable[[torch.optim.Optimizer], Any] | None,
     fold_dir: Path | None,
     callbacks_factory: Callable[[Fold], Sequence[Any]] | None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
+    if fold_dir is not None and settings is not None and is_main_process():
+        # Recorded before any checkpoint, so a resumed fold is checked against the settings it began with.
+        with atomic_path(fold_dir / SETTINGS_NAME) as tmp:
+            tmp.write_text(json.dumps(dict(settings), indent=1) + "\n", encoding="utf-8")
     torch.manual_seed(fold_seed)
     model = build_model()
     if not isinstance(model, nn.Module):
@@ -572,6 +848,7 @@ def _run_fold(
         "train": fold.train.tolist(),
         "val": fold.val.tolist(),
         "best_epoch": trainer.best_epoch,
+        "settings": None if settings is None else dict(settings),
         "metrics": json_safe(metrics),
         "history": json_safe(history),
         "oof": {

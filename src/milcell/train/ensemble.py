@@ -186,7 +186,7 @@ def predict_ensemble(
     >>> from milcell.data import Bag
     >>> from milcell.nn.model import create_mil_model
     >>> from milcell.train.distributed import make_loader
-    >>> models = [create_mil_model(None, pooling="mean", feature_dim=4) for _ in range(3)]
+    >>> models = [create_mil_model(None, pooling="mean", in_dim=4) for _ in range(3)]
     >>> bags = [Bag(torch.randn(3, 4), label=i % 2, id=f"P{i}") for i in range(5)]
     >>> preds = predict_ensemble(models, make_loader(bags, 2, shuffle=False), method="hard")
     >>> preds.ids, preds.probabilities.shape

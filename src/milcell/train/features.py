@@ -4,7 +4,7 @@ When the backbone is frozen (``trainable="head"``, as in the 2024
 lymphocytosis report's best model), its outputs never change, so
 :func:`extract_features` runs it once over every instance of a dataset and
 returns a :class:`~milcell.data.FeatureBagDataset`. A head model
-(``create_mil_model(backbone=None, feature_dim=D, ...)``) then trains on the
+(``create_mil_model(backbone=None, in_dim=D, ...)``) then trains on the
 features through the same collate and pooling, for as many folds and epochs
 as wanted, at the cost of about one backbone pass over the images.
 
@@ -14,11 +14,16 @@ The cache
 manifest records the cache *key*: the backbone's name, a SHA-256 of its
 state-dict tensors, the preprocessing (the dataset's ``transform`` repr, the
 backbone's ``data_config``, the instance cap), the precision, and the list of
-``(bag id, file names)``. It is written last, atomically, after the features
-file (itself written to a temporary name and renamed). A later call reuses
-the cache when the manifest is readable, its key equals the current key and
-the features file has the recorded size and loads; otherwise it logs why on
-the ``"milcell"`` logger and rebuilds. Labels and clinical attributes are not
+``(bag id, file names)``, and the size and SHA-256 digest of the features
+file. It is written last, atomically, after the features file (itself written
+to a temporary name and renamed), while the folder is locked against other
+processes (:func:`milcell._locks.folder_lock`; a process that finds the lock
+taken keeps its features without writing them). A later call reuses the cache
+when the manifest is readable, its key equals the current key, the features
+file has the recorded size and digest, and the key embedded in the features
+file (its safetensors metadata) is the current key too; otherwise it logs why
+on the ``"milcell"`` logger and rebuilds (or, with ``recompute=False``, raises
+:class:`~milcell.exceptions.CacheError`). Labels and clinical attributes are not
 part of the key: they are taken from the dataset on every call.
 
 Clinical attributes and folds
@@ -65,11 +70,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from milcell._locks import folder_lock
 from milcell._utils import atomic_path, json_safe
 from milcell._validation import check_int
 from milcell.data.bag import Bag, BagBatch, collate_bags
 from milcell.data.datasets import BagDataset, FeatureBagDataset, InstanceDataset, select_instances
-from milcell.exceptions import CacheError, ConfigError, DataError, ShapeError
+from milcell.exceptions import CacheError, ConfigError, DataError, LockError, ShapeError
 from milcell.nn.encoder import encode_in_chunks
 from milcell.train.inference import _check_precision, autocast
 
@@ -222,50 +228,61 @@ def _digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> FeatureBagDataset | None:
-    """The cached features if the cache is complete and matches ``key``; else None (reason logged)."""
+def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> tuple[FeatureBagDataset | None, str]:
+    """The cached features if the cache is complete, intact and matches ``key``; else None and why."""
     manifest_path = cache_dir / MANIFEST_NAME
     features_path = cache_dir / FEATURES_NAME
     if not manifest_path.is_file():
         if features_path.exists():
-            logger.warning(
-                "feature cache %s: no manifest (interrupted while writing?); rebuilding", cache_dir
-            )
-        else:
-            logger.info("feature cache %s: empty; building", cache_dir)
-        return None
+            return None, f"no manifest (interrupted while writing?) beside {features_path}"
+        return None, "empty"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         saved_key, digest, size = manifest["key"], manifest["digest"], int(manifest["size"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("feature cache %s: unreadable manifest (%s); rebuilding", cache_dir, exc)
-        return None
-    if not isinstance(saved_key, dict) or digest != _digest(key) or saved_key != key:
+        return None, f"unreadable manifest {manifest_path} ({exc})"
+    expected_digest = _digest(key)
+    if not isinstance(saved_key, dict) or digest != expected_digest or saved_key != key:
         saved = saved_key if isinstance(saved_key, dict) else {}
         differ = sorted(k for k in set(key) | set(saved) if saved.get(k) != key.get(k))
-        logger.warning("feature cache %s: key mismatch in %s; rebuilding", cache_dir, differ or ["digest"])
-        return None
+        return None, f"key mismatch in {differ or ['digest']}"
     if not features_path.is_file() or features_path.stat().st_size != size:
         found = features_path.stat().st_size if features_path.is_file() else "no file"
-        logger.warning(
-            "feature cache %s: %s has size %s, the manifest says %d (truncated?); rebuilding",
-            cache_dir,
-            FEATURES_NAME,
-            found,
-            size,
+        return None, f"{FEATURES_NAME} has size {found}, the manifest says {size} (truncated?)"
+    recorded = manifest.get("sha256")
+    if not isinstance(recorded, str):
+        return None, f"{manifest_path} records no digest of {FEATURES_NAME} (written by an older milcell)"
+    actual = _file_sha256(features_path)
+    if actual != recorded:
+        return None, (
+            f"{features_path} is corrupt or was replaced: its SHA-256 {actual[:12]}... differs from the "
+            f"{recorded[:12]}... in {manifest_path}"
         )
-        return None
     try:
         cached = FeatureBagDataset.from_safetensors(features_path)
     except DataError as exc:
-        logger.warning("feature cache %s: unreadable features (%s); rebuilding", cache_dir, exc)
-        return None
+        return None, f"unreadable features {features_path} ({exc})"
+    # The file carries its own key: a concurrent writer with another backbone may have replaced it
+    # between the checks above and the read.
+    embedded = cached.metadata.get("cache_key")
+    if embedded != expected_digest:
+        return None, (
+            f"{features_path} holds features of another cache key ({str(embedded)[:12]}..., not "
+            f"{expected_digest[:12]}...; written concurrently by another process?)"
+        )
     expected_ids = [item[0] for item in key["items"]]
     if cached.ids != expected_ids:
-        logger.warning("feature cache %s: bag ids differ from the manifest; rebuilding", cache_dir)
-        return None
+        return None, f"bag ids of {features_path} differ from the manifest"
     logger.info("feature cache %s: reused (%d bags, D=%d)", cache_dir, len(cached), cached.dim)
-    return cached
+    return cached, ""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _embed(
@@ -320,6 +337,7 @@ def extract_features(
     *,
     num_workers: int = 0,
     key_extra: Mapping[str, Any] | None = None,
+    recompute: bool = True,
 ) -> FeatureBagDataset:
     """Embed every instance of ``dataset`` once with a frozen ``backbone``, with an on-disk cache.
 
@@ -352,6 +370,11 @@ def extract_features(
         DataLoader workers reading the images.
     key_extra : mapping, optional
         Extra entries of the cache key (see :func:`cache_key`).
+    recompute : bool, default True
+        When the cache is missing, incomplete, corrupt (its SHA-256 differs
+        from the manifest's) or holds another key, embed again (the reason is
+        logged). ``False`` raises :class:`~milcell.exceptions.CacheError`
+        naming the file instead.
 
     Returns
     -------
@@ -367,7 +390,8 @@ def extract_features(
     ShapeError
         Non-image instances or a backbone that does not return ``(n, D)``.
     CacheError
-        If the cache folder cannot be written.
+        If the cache folder cannot be written, or (``recompute=False``) the
+        cache cannot be used.
 
     Examples
     --------
@@ -389,7 +413,15 @@ def extract_features(
     key = cache_key(backbone, dataset, precision, key_extra)
     digest = _digest(key)
     directory = None if cache_dir is None else Path(cache_dir)
-    cached = None if directory is None else _load_valid(directory, key)
+    cached = None
+    if directory is not None:
+        cached, reason = _load_valid(directory, key)
+        if cached is None and not recompute:
+            raise CacheError(f"feature cache {directory} cannot be used and recompute=False: {reason}")
+        if cached is None and reason == "empty":
+            logger.info("feature cache %s: empty; building", directory)
+        elif cached is None:
+            logger.warning("feature cache %s: %s; rebuilding", directory, reason)
     if cached is not None:
         features, names_out = cached.features, cached.instance_names
     else:
@@ -442,19 +474,30 @@ def _write_cache(
 ) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        # Remove the manifest first: until the new one is written the cache reads as incomplete.
-        (directory / MANIFEST_NAME).unlink(missing_ok=True)
-        store = FeatureBagDataset(
-            features,
-            None,
-            ids,
-            instance_names=names,
-            metadata={"backbone": key["backbone"], "cache_key": digest},
-        )
-        path = store.save_safetensors(directory / FEATURES_NAME)
-        manifest = {"key": key, "digest": digest, "size": path.stat().st_size, "bags": len(ids)}
-        with atomic_path(directory / MANIFEST_NAME) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        with folder_lock(directory, what="feature cache"):
+            # Remove the manifest first: until the new one is written the cache reads as incomplete.
+            (directory / MANIFEST_NAME).unlink(missing_ok=True)
+            store = FeatureBagDataset(
+                features,
+                None,
+                ids,
+                instance_names=names,
+                metadata={"backbone": key["backbone"], "cache_key": digest},
+            )
+            path = store.save_safetensors(directory / FEATURES_NAME)
+            manifest = {
+                "key": key,
+                "digest": digest,
+                "size": path.stat().st_size,
+                "sha256": _file_sha256(path),
+                "bags": len(ids),
+            }
+            with atomic_path(directory / MANIFEST_NAME) as tmp:
+                tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    except LockError as exc:
+        # The features in memory are right; only the cache is left to the other writer.
+        logger.warning("feature cache %s: not written: %s", directory, exc)
+        return
     except OSError as exc:
         raise CacheError(f"feature cache {directory}: cannot write: {exc}") from exc
     logger.info(

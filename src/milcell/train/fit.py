@@ -15,7 +15,7 @@ Examples
 >>> from milcell.train.distributed import make_loader
 >>> bags = [Bag(torch.randn(3, 4) + i % 2, label=i % 2, id=f"P{i}") for i in range(8)]
 >>> fitted = fit_model(
-...     create_mil_model(None, pooling="mean", feature_dim=4),
+...     create_mil_model(None, pooling="mean", in_dim=4),
 ...     make_loader(bags, 4, shuffle=True),
 ...     make_loader(bags, 4, shuffle=False),
 ...     trainer_kwargs={"max_epochs": 2, "lr": 0.05, "progress": False},

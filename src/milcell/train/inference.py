@@ -26,7 +26,7 @@ Examples
 >>> from milcell.data import Bag
 >>> from milcell.nn.model import create_mil_model
 >>> from milcell.train.distributed import make_loader
->>> model = create_mil_model(None, pooling="attention", feature_dim=4)
+>>> model = create_mil_model(None, pooling="attention", in_dim=4)
 >>> bags = [Bag(torch.randn(2 + i, 4), label=i % 2, id=f"P{i}") for i in range(3)]
 >>> preds = predict(model, make_loader(bags, 2, shuffle=False), precision="bf16")
 >>> preds.ids, preds.probabilities.shape, [len(a) for a in preds.attention]
@@ -39,16 +39,18 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from milcell._validation import check_choice
 from milcell.data.bag import BagBatch
-from milcell.exceptions import ConfigError, DataError, ShapeError
+from milcell.exceptions import ConfigError, DataError, MilcellError, ShapeError, TrainingError
 
 __all__ = ["PRECISIONS", "Predictions", "autocast", "predict", "probabilities"]
 
@@ -207,10 +209,117 @@ def _to_device(batch: Any, device: torch.device) -> BagBatch:
 
 
 def _n_targets(batch: BagBatch) -> int:
-    """Bags that contribute to the loss: labelled ones, or all with soft labels."""
+    """Bags that contribute to the loss: labelled ones, or all with soft labels.
+
+    Counted on the host when the labels are there (the collated batch, before
+    it moves to the device), so it costs no host-device sync.
+    """
     if batch.soft_labels is not None:
         return len(batch)
+    if batch.labels.device.type == "cpu":
+        return int(np.count_nonzero(batch.labels.numpy() >= 0))
     return int((batch.labels >= 0).sum().item())
+
+
+_WORKER_TAG = "in DataLoader worker process"
+_KILLED = ("exited unexpectedly", "killed by signal", "is killed", "Connection reset by peer")
+
+
+def _uses_workers(loader: Any) -> bool:
+    return isinstance(loader, DataLoader) and loader.num_workers > 0
+
+
+def _worker_failure(exc: BaseException) -> MilcellError | None:
+    r"""The one-line milcell error for a DataLoader worker failure, or None for any other exception.
+
+    A milcell error raised inside a worker reaches the main process re-raised by
+    PyTorch with the worker's traceback in its message: it is raised again with
+    the original message only. A worker killed by a signal (the out-of-memory
+    killer's SIGKILL) surfaces as a ``RuntimeError`` ("exited unexpectedly",
+    "killed by signal") or a ``ConnectionResetError`` from the queue it fed.
+
+    Examples
+    --------
+    >>> wrapped = DataError(
+    ...     "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    ...     '  File "x.py", line 1, in f\nmilcell.exceptions.DataError: cannot read P1/a.png: truncated'
+    ... )
+    >>> _worker_failure(wrapped)
+    DataError('cannot read P1/a.png: truncated')
+    >>> print(_worker_failure(RuntimeError("DataLoader worker (pid(s) 12) exited unexpectedly")))
+    a data-loading worker was killed (out of memory?): DataLoader worker (pid(s) 12) exited ...
+    >>> _worker_failure(KeyError("a bug")) is None
+    True
+    """
+    text = str(exc)
+    if isinstance(exc, MilcellError):
+        if _WORKER_TAG not in text or "Original Traceback" not in text:
+            return None
+        cls = type(exc)
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        at = text.rfind(prefix)
+        lines = text.strip().splitlines()
+        original = text[at + len(prefix) :].strip() if at >= 0 else (lines[-1] if lines else text)
+        try:
+            return cls(original)
+        except Exception:  # an exception class with another constructor: keep PyTorch's
+            return None
+    if isinstance(exc, ConnectionError | EOFError) or (
+        isinstance(exc, RuntimeError) and "DataLoader worker" in text and any(k in text for k in _KILLED)
+    ):
+        detail = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return TrainingError(
+            f"a data-loading worker was killed (out of memory?): {detail}; lower num_workers, "
+            "batch_size or the bag size (max_instances), or set num_workers=0 to see the error "
+            "in the main process"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _worker_failures(loader: Any, batches: Iterator[Any]) -> Iterator[None]:
+    """Turn DataLoader worker failures raised in the block into one-line milcell errors.
+
+    Wrap the whole loop over ``batches`` (the iterator of ``loader``), body
+    included: PyTorch reports a killed worker from its SIGCHLD handler, which
+    raises wherever the main process happens to be. Only a DataLoader with
+    worker processes is concerned (see :func:`_worker_failure`); its workers
+    are shut down before the translated error is raised, and the original
+    exception is logged at debug level.
+    """
+    try:
+        yield
+    except Exception as exc:
+        failure = _worker_failure(exc) if _uses_workers(loader) else None
+        if failure is None:
+            raise
+        logger.debug("data-loading worker failure", exc_info=exc)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        raise failure from None
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _nonfinite_bags(ids: list[str], probs: Tensor, what: str) -> None:
+    """Raise :class:`DataError` naming the bags whose probabilities are NaN or inf (one check)."""
+    if probs.numel() == 0:
+        return
+    bad = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    names = [ids[i] if i < len(ids) else str(i) for i in bad]
+    shown = ", ".join(repr(n) for n in names[:10]) + (", ..." if len(names) > 10 else "")
+    raise DataError(
+        f"{what}: the model's outputs are NaN or inf for {len(bad)} of {len(ids)} bags [{shown}] "
+        "(non-finite weights, e.g. after a diverged training, or inputs that overflow in the network)"
+    )
 
 
 def _run_inference(
@@ -243,18 +352,22 @@ def _run_inference(
     probs: list[Tensor] = []
     labels: list[Tensor] = []
     attention: list[Tensor] | None = []
-    loss_sum = 0.0
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0.0
+    batches = iter(loader)
+    bar = tqdm(
+        batches, total=_length(loader), desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+    )
     try:
-        with torch.inference_mode():
-            for raw in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        with torch.inference_mode(), _worker_failures(loader, batches):
+            for raw in bar:
                 batch = prepare(raw)
+                n = _n_targets(raw if isinstance(raw, BagBatch) else batch)  # host labels: no sync
                 with autocast(device, precision):
                     output = model(batch)
-                    loss = None if loss_fn is None else loss_fn(output, batch)
-                n = _n_targets(batch)
-                if loss is not None and n > 0:
-                    loss_sum += float(loss.float().item()) * n
+                    loss = None if loss_fn is None or n == 0 else loss_fn(output, batch)
+                if loss is not None:
+                    loss_total += loss.detach().double() * n
                     count += n
                 logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
                 if logits is None:
@@ -276,9 +389,10 @@ def _run_inference(
                     attention = None
                 else:
                     att = att.float().cpu()
-                    sizes = batch.bag_sizes.tolist()
+                    sizes = batch.sizes  # kept on the host by collate_bags: no device read
                     attention.extend(att[j, : sizes[j]].clone() for j in range(len(sizes)))
     finally:
+        bar.close()
         model.train(was_training)
     preds = Predictions(
         ids,
@@ -286,7 +400,8 @@ def _run_inference(
         torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
         attention if probs else None,
     )
-    return preds, loss_sum, count
+    _nonfinite_bags(preds.ids, preds.probabilities, desc)
+    return preds, float(loss_total) if count > 0 else 0.0, count
 
 
 def predict(
@@ -338,9 +453,15 @@ def predict(
         An unknown ``precision`` or a model that is not an ``nn.Module``.
     DataError
         A loader that does not yield :class:`~milcell.data.BagBatch` (use
-        ``collate_fn=collate_bags``), or a model output without logits.
+        ``collate_fn=collate_bags``), a model output without logits, or
+        outputs that are NaN or inf (checked once, at the end; the message
+        names the bags). A milcell error raised inside a DataLoader worker
+        (e.g. an unreadable image) is raised again with its own one-line
+        message, without PyTorch's wrapping.
     ShapeError
         Logits that are not ``(B, C)``.
+    TrainingError
+        A data-loading worker was killed (by the out-of-memory killer, for instance).
 
     Examples
     --------
@@ -348,7 +469,7 @@ def predict(
     >>> from milcell.data import Bag
     >>> from milcell.nn.model import create_mil_model
     >>> from milcell.train.distributed import make_loader
-    >>> model = create_mil_model(None, pooling="mean", feature_dim=4).train()
+    >>> model = create_mil_model(None, pooling="mean", in_dim=4).train()
     >>> bags = [Bag(torch.randn(3, 4), label=i % 2, id=f"P{i}") for i in range(5)]
     >>> ids, probs, labels, attention = predict(model, make_loader(bags, 2, shuffle=False))
     >>> ids, probs.shape, labels.tolist(), model.training

@@ -44,7 +44,7 @@ Examples
 ...     y = [i % 2 for i in range(n)]
 ...     feats = [torch.randn(4, 6, generator=g) + 1.5 * c for c in y]
 ...     return FeatureBagDataset(feats, labels=[-1] * n if hidden else y)
->>> build = lambda: create_mil_model(None, pooling="mean", feature_dim=6)
+>>> build = lambda: create_mil_model(None, pooling="mean", in_dim=6)
 >>> result = noisy_student(build, build, bags(8, False), bags(16, True), bags(8, False), iterations=2,
 ...                        threshold=0.6, batch_size=4, trainer_kwargs={"max_epochs": 2, "lr": 0.05})
 >>> [int(row["iteration"]) for row in result.iterations], len(result.models)

@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -52,10 +52,11 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from milcell._locks import folder_lock
 from milcell._utils import write_dict_csv
 from milcell._validation import check_choice, check_int, check_real
 from milcell.data.bag import BagBatch
-from milcell.exceptions import CheckpointError, ConfigError, DataError
+from milcell.exceptions import CheckpointError, ConfigError, DataError, TrainingError
 from milcell.metrics import BinaryReport, MulticlassReport, binary_report, multiclass_report
 from milcell.train.checkpoint import (
     capture_rng_state,
@@ -75,9 +76,11 @@ from milcell.train.distributed import (
 from milcell.train.inference import (
     Predictions,
     _check_precision,
+    _length,
     _n_targets,
     _run_inference,
     _to_device,
+    _worker_failures,
     autocast,
 )
 
@@ -117,6 +120,30 @@ class MILModelLike(Protocol):
     def __call__(self, batch: BagBatch) -> MILOutputLike: ...
 
     def loss(self, output: Any, batch: BagBatch, class_weights: Tensor | None = None) -> Tensor: ...
+
+
+class _BatchLogs(Mapping[str, float]):
+    """The ``on_batch_end`` logs; ``"loss"`` is read from the device only when a callback asks for it.
+
+    Reading it is a host-device sync, so a training step stays sync-free unless a
+    callback actually uses the batch loss.
+    """
+
+    def __init__(self, values: dict[str, float], loss: Tensor | None) -> None:
+        self._values = values
+        self._loss = loss
+
+    def __getitem__(self, key: str) -> float:
+        if key == "loss":
+            return math.nan if self._loss is None else float(self._loss)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._values
+        yield "loss"
+
+    def __len__(self) -> int:
+        return len(self._values) + 1
 
 
 def _build_scheduler(
@@ -243,6 +270,17 @@ class Trainer:
         ``on_epoch_end(trainer, logs)`` (see :mod:`milcell.train.callbacks`).
     progress : bool, default True
         Show a tqdm progress bar per epoch (rank 0 only).
+    log_every_n_steps : int, default 50
+        Every this many batches, and at the end of each epoch, the trainer
+        reads from the device, in one copy, the running training loss (shown
+        in the progress bar) and whether a step produced a non-finite loss or
+        gradient norm; in between, a training step makes no host-device sync
+        (with :func:`milcell.checks` off and outside ``torchrun``). A
+        non-finite value stops training with a :class:`TrainingError` naming
+        the epoch, the first bad batch and its bags, before anything of that
+        epoch is saved: the checkpoints on disk stay those of the last good
+        epoch. With ``precision="fp16"`` the gradient scaler handles
+        non-finite gradients (it skips the step), so only the loss is checked.
     class_weights : Tensor, optional
         ``(C,)`` passed to ``model.loss``.
     seed : int or None, default 0
@@ -311,6 +349,7 @@ class Trainer:
         output_dir: str | os.PathLike[str] | None = None,
         callbacks: Sequence[Any] = (),
         progress: bool = True,
+        log_every_n_steps: int = 50,
         class_weights: Tensor | None = None,
         seed: int | None = 0,
         restore_best: bool = False,
@@ -329,6 +368,7 @@ class Trainer:
         max_epochs = check_int(max_epochs, "max_epochs", low=1)
         accumulate_grad_batches = check_int(accumulate_grad_batches, "accumulate_grad_batches", low=1)
         patience = None if patience is None else check_int(patience, "patience", low=1)
+        log_every_n_steps = check_int(log_every_n_steps, "log_every_n_steps", low=1)
         gradient_clip_norm = (
             None
             if gradient_clip_norm is None
@@ -384,6 +424,7 @@ class Trainer:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.callbacks = list(callbacks)
         self.progress = progress
+        self.log_every_n_steps = log_every_n_steps
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
         self.seed = seed
         self.restore_best = restore_best
@@ -499,7 +540,31 @@ class Trainer:
             If the monitored key is missing from the logs.
         CheckpointError
             If ``resume_from`` cannot be read.
+        LockError
+            Another process is training into the same ``output_dir`` (rank 0
+            holds :func:`milcell._locks.folder_lock` on it during ``fit``).
+        TrainingError
+            A non-finite training loss or gradient norm (the message names the
+            epoch, the first bad batch and its bags; nothing of that epoch is
+            saved, see ``log_every_n_steps``), or a data-loading worker that
+            was killed (out of memory?).
+        DataError
+            Validation outputs that are NaN or inf (naming the bags), or a
+            milcell error raised inside a DataLoader worker (its own one-line
+            message, e.g. an unreadable image).
         """
+        lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.output_dir is not None and self.is_main:
+            lock = folder_lock(self.output_dir, what="checkpoint folder")
+        with lock:
+            return self._fit(train_loader, val_loader, resume_from)
+
+    def _fit(
+        self,
+        train_loader: Iterable[BagBatch],
+        val_loader: Iterable[BagBatch] | None,
+        resume_from: str | os.PathLike[str] | None,
+    ) -> list[dict[str, float]]:
         self._resolve_monitor(val_loader is not None)
         generators = self._generators(train_loader, val_loader)
         start_epoch = 0
@@ -561,84 +626,175 @@ class Trainer:
                 gen.manual_seed(self.seed + epoch)
 
     def _train_epoch(self, loader: Iterable[BagBatch]) -> float:
+        """One epoch of training; returns the mean training loss over the labelled bags.
+
+        The per-step path (:meth:`_train_step`) makes no host read (checks off, one
+        process): the loss is summed on the device, and each batch appends a device
+        flag (1: non-finite loss, 2: non-finite gradient norm); :meth:`_read_interval`
+        reads both every ``log_every_n_steps`` batches and at the end of the epoch.
+        """
         model = self._ddp if self._ddp is not None else self.model
         model.train()
         accum = self.accumulate_grad_batches
-        try:
-            n_batches: int | None = len(loader)  # type: ignore[arg-type]
-        except TypeError:
-            n_batches = None
-        world = get_world_size() if self.distributed else 1
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
+        n_batches = _length(loader)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        flags: list[Tensor] = []  # one 0-d int tensor per batch since the last read
+        batch_ids: list[list[str]] = []  # the bag ids of those batches (host data)
+        first = 0  # index of the first batch since the last read
         self.optimizer.zero_grad(set_to_none=True)
         pending = False
+        batches = iter(loader)
         bar = tqdm(
-            loader,
+            batches,
             total=n_batches,
             desc=f"epoch {self.epoch}/{self.max_epochs}",
             disable=not (self.progress and self.is_main),
             leave=False,
             dynamic_ncols=True,
         )
-        for i, raw in enumerate(bar):
-            batch = self._to_device(raw)
-            window_start = (i // accum) * accum
-            window = accum if n_batches is None else min(accum, n_batches - window_start)
-            is_step = i + 1 - window_start >= window
-            sync = contextlib.nullcontext() if (self._ddp is None or is_step) else self._ddp.no_sync()
-            with sync:
-                n_local = _n_targets(batch)
-                with self._autocast():
-                    output = model(batch)
-                    # A batch of unlabelled bags only (possible with batch_size=1) has no loss.
-                    loss = self._loss(output, batch) if n_local > 0 else output.logits.sum() * 0.0
-                factor = 1.0
-                if self.distributed:
-                    # DDP averages gradients over ranks; rescale each rank's mean loss so the
-                    # result is the mean over the *global* batch even when ranks hold
-                    # different numbers of labelled bags.
-                    n_global = float(all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item())
-                    factor = n_local * world / n_global if n_global > 0 else 0.0
-                # A batch without targets still joins the graph (DDP needs every rank to
-                # reduce), with a zero gradient.
-                objective = loss if n_local > 0 else output.logits.sum() * 0.0
-                self.scaler.scale(objective.float() * (factor / window)).backward()
-            pending = True
-            if n_local > 0:
-                loss_sum += float(loss.detach().float().item()) * n_local
-                count += n_local
-            if is_step:
-                self._optimizer_step()
-                pending = False
-            batch_logs = {
-                "epoch": float(self.epoch),
-                "batch": float(i),
-                "loss": float(loss.detach().float().item()) if n_local > 0 else math.nan,
-                "lr": float(self.optimizer.param_groups[0]["lr"]),
-            }
-            if self.progress and self.is_main:
-                bar.set_postfix(loss=f"{batch_logs['loss']:.4f}")
-            self._call("on_batch_end", batch_logs)
-        if pending:
-            self._optimizer_step()
-        bar.close()
+        try:
+            with _worker_failures(loader, batches):
+                for i, raw in enumerate(bar):
+                    batch = self._to_device(raw)
+                    n_local = _n_targets(raw)  # the collated labels are on the host: no sync
+                    window_start = (i // accum) * accum
+                    window = accum if n_batches is None else min(accum, n_batches - window_start)
+                    is_step = i + 1 - window_start >= window
+                    loss, flag = self._train_step(model, batch, n_local, window, is_step)
+                    pending = not is_step
+                    if loss is not None:
+                        loss_sum += loss.double() * n_local
+                        count += n_local
+                    flags.append(flag)
+                    batch_ids.append(list(batch.ids))
+                    self._call("on_batch_end", _BatchLogs(self._batch_values(i), loss))
+                    if len(flags) >= self.log_every_n_steps:
+                        self._read_interval(flags, batch_ids, first, loss_sum, count, bar)
+                        first += len(flags)
+                        flags, batch_ids = [], []
+                if pending:
+                    grad_ok = self._optimizer_step()
+                    if grad_ok is not None and flags:
+                        flags[-1] = flags[-1] + 2 * (~grad_ok).long()
+                mean = self._read_interval(flags, batch_ids, first, loss_sum, count, bar)
+        finally:
+            bar.close()
         if self.distributed:
-            totals = all_reduce_sum(torch.stack([loss_sum, count]).to(self.device))
-            loss_sum, count = totals[0].cpu(), totals[1].cpu()
-        return float(loss_sum / count) if count > 0 else math.nan
+            n = torch.tensor(float(count), dtype=torch.float64, device=self.device)
+            totals = all_reduce_sum(torch.stack([loss_sum, n]))
+            return float(totals[0] / totals[1]) if float(totals[1]) > 0 else math.nan
+        return mean
 
-    def _optimizer_step(self) -> None:
+    def _batch_values(self, i: int) -> dict[str, float]:
+        return {
+            "epoch": float(self.epoch),
+            "batch": float(i),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+
+    def _train_step(
+        self, model: nn.Module, batch: BagBatch, n_local: int, window: int, is_step: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        """Forward, backward and (``is_step``) optimizer step of one batch, without a host read.
+
+        Returns the detached loss (None for a batch without a target) and the
+        batch's 0-d int64 flag on the device: bit 1 a non-finite loss, bit 2 a
+        non-finite gradient norm at this optimizer step.
+        """
+        sync = contextlib.nullcontext() if (self._ddp is None or is_step) else self._ddp.no_sync()
+        with sync:
+            with self._autocast():
+                output = model(batch)
+                # A batch of unlabelled bags only (possible with batch_size=1) has no loss.
+                loss = self._loss(output, batch) if n_local > 0 else None
+            factor = 1.0
+            if self.distributed:
+                # DDP averages gradients over ranks; rescale each rank's mean loss so the
+                # result is the mean over the *global* batch even when ranks hold
+                # different numbers of labelled bags.
+                n_global = float(all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item())
+                factor = n_local * get_world_size() / n_global if n_global > 0 else 0.0
+            # A batch without targets still joins the graph (DDP needs every rank to
+            # reduce), with a zero gradient.
+            objective = loss if loss is not None else output.logits.sum() * 0.0
+            self.scaler.scale(objective.float() * (factor / window)).backward()
+        flag = torch.zeros((), dtype=torch.int64, device=self.device)
+        detached = None if loss is None else loss.detach()
+        if detached is not None:
+            flag = flag + (~torch.isfinite(detached)).long()
+        if is_step:
+            grad_ok = self._optimizer_step()
+            if grad_ok is not None:
+                flag = flag + 2 * (~grad_ok).long()
+        return detached, flag
+
+    def _read_interval(
+        self,
+        flags: list[Tensor],
+        batch_ids: list[list[str]],
+        first: int,
+        loss_sum: Tensor,
+        count: int,
+        bar: Any,
+    ) -> float:
+        """Read the step flags and the running loss in one device-to-host copy; raise on a bad step.
+
+        Returns the running mean training loss of the epoch (NaN without a labelled bag).
+        """
+        n = len(flags)
+        parts = [loss_sum.reshape(1)]
+        if flags:
+            local = torch.stack(flags).double()
+            parts.insert(0, local)
+            if self.distributed:
+                # Every rank reads at the same batch, so all stop together if any rank saw a bad step.
+                parts.append(all_reduce_sum((local != 0).double()))
+        host = torch.cat(parts).cpu().tolist()
+        codes, mean_sum = [int(v) for v in host[:n]], host[n]
+        anywhere = host[n + 1 :] if len(host) > n + 1 else codes
+        mean = mean_sum / count if count > 0 else math.nan
+        bad = [j for j, value in enumerate(anywhere) if value != 0]
+        if bad:
+            j = bad[0]
+            if codes[j] == 0:
+                kind, where = "loss or gradient norm", "bags on another rank"
+            else:
+                kind = "loss" if codes[j] & 1 else "gradient norm"
+                where = f"bags {batch_ids[j]}"
+            saved = ""
+            last = None if self.checkpoint_dir is None else self.checkpoint_dir / "last"
+            if last is not None and last.is_dir() and self.epoch > 1:
+                saved = f"; the last good checkpoint, {last}, holds epoch {self.epoch - 1}"
+            raise TrainingError(
+                f"non-finite training {kind} at epoch {self.epoch}, batch {first + j + 1} ({where}): "
+                f"training stopped before saving this epoch{saved}; lower the learning rate "
+                f"(lr={self.optimizer.param_groups[0]['lr']:.3g}), set gradient_clip_norm, or look for "
+                "inputs that overflow in the network"
+            )
+        if self.progress and self.is_main and math.isfinite(mean):
+            bar.set_postfix(loss=f"{mean:.4f}")
+        return mean
+
+    def _optimizer_step(self) -> Tensor | None:
+        """Clip, step, zero the gradients; return a 0-d device bool "gradient norm finite" (None in fp16)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_ok: Tensor | None = None
         if self.gradient_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_norm)
+            grad_ok = None if self.scaler.is_enabled() else torch.isfinite(norm)
+        elif not self.scaler.is_enabled():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                grad_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
+        return grad_ok
 
     # ------------------------------------------------------------------ checkpoints
 

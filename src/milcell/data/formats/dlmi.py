@@ -212,9 +212,22 @@ def _load_split(folder: Path, root: Path, reference: date, verify_images: bool) 
             raise DataError(f"patient {pid!r} (from '{csv_path}'): folder '{patient_dir}' is missing")
         entries = list_dir(patient_dir, root)
         images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        broken = [p.name for p in entries if p.is_symlink() and not p.exists()]
+        if broken:
+            raise DataError(
+                f"patient {pid!r}: {broken} in '{patient_dir}' are broken links (their target does not exist)"
+            )
         others = [p.name for p in entries if p not in images]
         if others:
-            logger.warning("patient %r: ignoring non-image entries %s in '%s'", pid, others, patient_dir)
+            logger.warning(
+                "patient %r: ignoring %d entries that are not cell images in a format milcell reads "
+                "(%s; images: %s; subfolders are not read) in '%s'",
+                pid,
+                len(others),
+                ", ".join(others),
+                " ".join(sorted(IMAGE_SUFFIXES)),
+                patient_dir,
+            )
         if not images:
             raise DataError(f"patient {pid!r}: folder '{patient_dir}' holds no images")
         if verify_images:

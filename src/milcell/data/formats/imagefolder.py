@@ -57,10 +57,22 @@ def _class_files(class_dir: Path, root: Path) -> list[Path]:
     nested = [p for p in entries if p.is_dir()]
     if nested:
         raise DataError(f"unexpected folder '{nested[0]}' inside class folder '{class_dir}'")
+    broken = [p.name for p in entries if p.is_symlink() and not p.exists()]
+    if broken:
+        raise DataError(
+            f"{broken} in class folder '{class_dir}' are broken links (their target does not exist)"
+        )
     images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
-        logger.warning("load_imagefolder: ignoring non-image files %s in '%s'", others, class_dir)
+        logger.warning(
+            "load_imagefolder: ignoring %d files that are not images in a format milcell reads (%s; "
+            "images: %s) in '%s'",
+            len(others),
+            ", ".join(others),
+            " ".join(sorted(IMAGE_SUFFIXES)),
+            class_dir,
+        )
     return images
 
 
