@@ -109,11 +109,22 @@ def test_fold_datasets_cache_keeps_the_training_augmentation(cohort_root: Path) 
                 assert a.instance_names == b.instance_names and a.id == b.id
                 torch.testing.assert_close(a.instances, b.instances, rtol=0, atol=0)
                 torch.testing.assert_close(a.clinical, b.clinical, rtol=0, atol=0)
-    assert len(cached[0].image_cache) > 0  # type: ignore[attr-defined,arg-type]
-    # The training transform rotates by any angle, not only quarter turns.
-    train_ds = plain[0]
-    rotations = [t for t in train_ds.transform.transforms if type(t).__name__ == "RandomRotation"]  # type: ignore[attr-defined]
-    assert rotations and list(rotations[0].degrees) == [-180.0, 180.0]
+    assert cached[0].image_cache.nbytes > 0  # type: ignore[union-attr]
+    # The training augmentation rotates by any angle, not only quarter turns (bag-level, per instance).
+    augment = plain[0].bag_transform
+    assert augment is not None and augment.rotation == 180.0 and augment.hflip and augment.vflip
+    assert plain[1].bag_transform is not None and not plain[1].bag_transform.random  # validation
+
+
+def test_fold_datasets_quarter_turn_augmentation(cohort_root: Path) -> None:
+    from milcell.runs import check_augment
+
+    cohort = load_dlmi(cohort_root, "train")
+    train_ds, val_ds, _ = fold_datasets(cohort, [0, 1, 2], [3], image_size=16, augment="quarter")
+    assert train_ds.bag_transform.quarter_turns and not val_ds.bag_transform.random  # type: ignore[attr-defined]
+    assert check_augment("rotate") is True and check_augment(np.bool_(False)) is False
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        fold_datasets(cohort, [0], [1], image_size=16, augment="spin")
 
 
 def test_fold_datasets_scaler_comes_from_the_training_rows(cohort_root: Path) -> None:

@@ -258,6 +258,22 @@ class Preprocessing:
 
         return build_transforms(self.data_config(), train=train, rotation=rotation)
 
+    def bag_transforms(
+        self, train: bool, *, rotation: float = 180.0, quarter_turns: bool = False
+    ) -> tuple[Callable[[Any], Tensor], Callable[[Tensor], Tensor]]:
+        """The same preprocessing split into a deterministic per-image part and a per-bag part.
+
+        See :func:`milcell.data.transforms.build_bag_transforms`: the per-image part
+        (``PIL.Image -> uint8 (C, image_size, image_size)``) can be cached; the per-bag
+        part adds, for ``train``, random flips and a rotation up to ``rotation`` degrees
+        per instance (or by quarter turns), and normalises.
+        """
+        from milcell.data.transforms import build_bag_transforms
+
+        return build_bag_transforms(
+            self.data_config(), train=train, rotation=rotation, quarter_turns=quarter_turns
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (the keys ``run.json`` uses)."""
         return {
@@ -392,7 +408,7 @@ def _dataset(
     preprocessing: Preprocessing,
     *,
     train: bool,
-    augment: bool,
+    augment: bool | str,
     rotation: float,
     max_instances: int | None,
     seed: int,
@@ -402,7 +418,11 @@ def _dataset(
     subset: Samples = (
         samples if indices is None else samples.subset(np.asarray(list(indices), dtype=np.int64))
     )
-    transform = preprocessing.transform(train=train and augment, rotation=rotation)
+    # Per-image resizing (cached with the images), then flips/rotations and normalisation of the
+    # whole bag in one call: the augmentation of build_transforms at a fraction of its cost.
+    transform, bag_transform = preprocessing.bag_transforms(
+        train=train and bool(augment), rotation=rotation, quarter_turns=augment == "quarter"
+    )
     cache_arg: bool | ImageCache = cache if cache is not None else False
     if isinstance(subset, BagCohort):
         return BagDataset(
@@ -413,8 +433,33 @@ def _dataset(
             seed=seed,
             clinical_scaler=scaler,
             cache_images=cache_arg,
+            bag_transform=bag_transform,
+            cache_transformed=cache is not None,
         )
-    return InstanceDataset(subset, transform, cache_images=cache_arg)
+    return InstanceDataset(subset, transform, cache_images=cache_arg, bag_transform=bag_transform)
+
+
+AUGMENTATIONS = (True, False, "rotate", "quarter")
+
+
+def check_augment(augment: Any) -> bool | str:
+    """``augment`` as ``True`` (flips + rotation by any angle), ``"quarter"`` or ``False``.
+
+    ``"rotate"`` is another spelling of ``True``; ``"quarter"`` rotates by multiples of 90°
+    (lossless for square cells); ``False`` adds no augmentation.
+
+    Examples
+    --------
+    >>> check_augment("rotate"), check_augment("quarter"), check_augment(False)
+    (True, 'quarter', False)
+    """
+    if isinstance(augment, np.bool_):
+        augment = bool(augment)
+    if augment == "rotate":
+        return True
+    if isinstance(augment, bool) or augment == "quarter":
+        return augment
+    raise ConfigError(f"augment must be one of True, False, 'rotate', 'quarter', got {augment!r}")
 
 
 def fold_datasets(
@@ -426,7 +471,7 @@ def fold_datasets(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
-    augment: bool = True,
+    augment: bool | str = True,
     rotation: float = 180.0,
     max_instances: int | None = None,
     cache_images: bool | ImageCache = False,
@@ -458,8 +503,11 @@ def fold_datasets(
         Normalisation; use the backbone's (:class:`Preprocessing.from_backbone`).
     interpolation : {"nearest", "bilinear", "bicubic"}, default "bilinear"
         Resize interpolation.
-    augment : bool, default True
-        Random flips and rotations of the training images.
+    augment : bool or {"rotate", "quarter"}, default True
+        Random flips and rotations of the training images: ``True`` (or
+        ``"rotate"``) rotates by any angle up to ``rotation`` degrees, as the
+        reports did; ``"quarter"`` by multiples of 90° (lossless for square
+        cells); see :func:`check_augment`.
     rotation : float, default 180.0
         Largest rotation of the augmentation, in degrees (``0``: flips only).
     max_instances : int or None, default None
@@ -499,6 +547,7 @@ def fold_datasets(
     _check_samples(samples)
     preprocessing = Preprocessing(image_size, tuple(mean), tuple(std), interpolation)
     rotation = check_real(rotation, "rotation", low=0.0)
+    augment = check_augment(augment)
     if max_instances is not None:
         max_instances = check_int(max_instances, "max_instances", low=1)
     seed = check_int(seed, "seed", low=0)
@@ -508,7 +557,7 @@ def fold_datasets(
     train_rows = np.asarray(list(train_idx), dtype=np.int64)
     scaler = fit_clinical_scaler(samples, train_rows, clinical_scaling)
     common: dict[str, Any] = {
-        "augment": bool(augment),
+        "augment": augment,
         "rotation": rotation,
         "max_instances": max_instances,
         "seed": seed,
@@ -1189,7 +1238,7 @@ def train_run(
     lr: float = 1e-3,
     seed: int = 0,
     image_size: int = 64,
-    augment: bool = True,
+    augment: bool | str = True,
     max_instances: int | None = None,
     cache_images: bool | ImageCache = False,
     precision: str = "32",
@@ -1293,6 +1342,7 @@ def train_run(
     repeats = check_int(repeats, "repeats", low=1)
     seed = check_int(seed, "seed", low=0)
     epochs = check_int(epochs, "epochs", low=1)
+    augment = check_augment(augment)
     batch_size = check_int(batch_size, "batch_size", low=1)
     num_workers = check_int(num_workers, "num_workers", low=0)
     lr = check_real(lr, "lr", low=0.0, low_open=True)
@@ -1365,7 +1415,7 @@ def train_run(
         trainer_kwargs["patience"] = patience
     fingerprint = {
         **prep.to_dict(),
-        "augment": bool(augment),
+        "augment": augment,
         "max_instances": max_instances,
         "clinical_scaling": "minmax",
         "data": data_fingerprint(samples),
@@ -1475,7 +1525,7 @@ def train_run(
             "lr": lr,
             "seed": seed,
             "image_size": prep.image_size,
-            "augment": bool(augment),
+            "augment": augment,
             "max_instances": max_instances,
             "cache_images": cache is not None,
             "precision": str(precision),

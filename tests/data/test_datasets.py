@@ -601,3 +601,56 @@ def test_image_cache_errors(cohort: BagCohort, cells: CellSet) -> None:
     before = len(shared)
     b.preload()
     assert a.image_cache is b.image_cache and len(shared) == before == 23
+
+
+# --------------------------------------------------------------------------- bag-level transforms
+
+
+def test_bag_transform_runs_on_the_stacked_instances(cohort: BagCohort) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x * 2
+
+    plain = BagDataset(cohort)[1].instances
+    doubled = BagDataset(cohort, bag_transform=double)[1].instances
+    torch.testing.assert_close(doubled, plain * 2)
+    assert calls == [tuple(plain.shape)]  # once per bag, not per image
+
+
+def test_cache_transformed_runs_the_image_transform_once_per_file(cohort: BagCohort) -> None:
+    from milcell.data.transforms import build_bag_transforms
+
+    cfg = {"input_size": (3, SIZE, SIZE), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    per_image, per_bag = build_bag_transforms(cfg, train=False)
+    runs: list[int] = []
+
+    class Counting:
+        def __call__(self, image: Image.Image) -> torch.Tensor:
+            runs.append(1)
+            return per_image(image)
+
+        def __repr__(self) -> str:
+            return f"Counting({per_image!r})"
+
+    lazy = BagDataset(cohort, transform=per_image, bag_transform=per_bag)
+    cached = BagDataset(
+        cohort, transform=Counting(), bag_transform=per_bag, cache_images=True, cache_transformed=True
+    )
+    for _ in range(3):
+        for i in range(len(cohort)):
+            torch.testing.assert_close(cached[i].instances, lazy[i].instances)
+    assert len(runs) == sum(r.num_instances for r in cohort)  # each file transformed once
+    assert cached.image_cache is not None and len(cached.image_cache) == len(runs)  # tensors only
+
+
+def test_bag_transform_errors_name_the_patient(cohort: BagCohort) -> None:
+    with pytest.raises(ConfigError, match="cache_transformed=True needs cache_images"):
+        BagDataset(cohort, cache_transformed=True)
+    with pytest.raises(ConfigError, match="bag_transform must be callable"):
+        BagDataset(cohort, bag_transform=3)  # type: ignore[arg-type]
+    with pytest.raises(
+        DataError, match=r"patient 'P1': bag_transform must return a tensor with the 3 instances"
+    ):
+        BagDataset(cohort, bag_transform=lambda x: x[:1])[0]

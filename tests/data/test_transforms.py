@@ -143,3 +143,73 @@ def test_unhashable_interpolation_is_a_config_error() -> None:
     # It used to escape as a TypeError from the dict lookup of the interpolation modes.
     with pytest.raises(ConfigError, match="'interpolation' must be one of"):
         resolve_data_config({"interpolation": ["bilinear"]})
+
+
+# ----------------------------------------------------------------------------- bag-level augmentation
+
+
+def test_bag_augment_flips_each_instance_independently_and_exactly() -> None:
+    from milcell.data.transforms import BagAugment
+
+    torch.manual_seed(0)
+    bag = torch.rand(64, 3, 8, 8)
+    out = BagAugment(hflip=True)(bag)
+    same = [torch.allclose(o, b, atol=1e-6) for o, b in zip(out, bag, strict=True)]
+    mirrored = [torch.allclose(o, b.flip(-1), atol=1e-6) for o, b in zip(out, bag, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))  # each one or the other, exactly
+    assert 10 < sum(mirrored) < 54  # per instance, not one coin for the whole bag
+
+
+def test_bag_augment_rotation_keeps_the_centre_and_fills_corners_black() -> None:
+    from milcell.data.transforms import BagAugment
+
+    torch.manual_seed(1)
+    white = torch.ones(32, 3, 9, 9)
+    out = BagAugment(rotation=180.0)(white)
+    assert torch.allclose(out[:, :, 4, 4], torch.ones(32, 3), atol=1e-5)  # the centre pixel stays
+    corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners < 0.5).any()  # rotated corners are filled with black, as v2.RandomRotation does
+    angles_differ = not torch.allclose(out[0], out[1])
+    assert angles_differ
+
+
+def test_bag_augment_matches_the_per_image_pipeline_without_augmentation() -> None:
+    from milcell.data.transforms import build_bag_transforms
+
+    cfg = {"input_size": (3, 16, 16), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.4)}
+    per_image, per_bag = build_bag_transforms(cfg, train=False)
+    images = [Image.new("RGB", (20 + i, 18), (10 * i, 100, 200 - i)) for i in range(3)]
+    bagged = per_bag(torch.stack([per_image(im) for im in images]))
+    reference = torch.stack([build_transforms(cfg, train=False)(im) for im in images])
+    torch.testing.assert_close(bagged, reference)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rotation": 200}, "rotation must be"),
+        ({"mean": (0.5,)}, "both mean and std"),
+        ({"mean": (0.5,), "std": (0.0,)}, "std must be positive"),
+    ],
+)
+def test_bag_augment_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    from milcell.data.transforms import BagAugment
+
+    with pytest.raises(ConfigError, match=match):
+        BagAugment(**kwargs)
+
+
+def test_bag_augment_quarter_turns_are_the_eight_symmetries_of_the_square() -> None:
+    from milcell.data.transforms import BagAugment
+
+    torch.manual_seed(2)
+    bag = torch.rand(1, 3, 6, 6).expand(48, -1, -1, -1).contiguous()
+    out = BagAugment(hflip=True, vflip=True, quarter_turns=True)(bag)
+    image = bag[0]
+    symmetries = [torch.rot90(im, k, dims=(-2, -1)) for im in (image, image.flip(-1)) for k in range(4)]
+    seen = set()
+    for o in out:
+        matches = [i for i, s in enumerate(symmetries) if torch.allclose(o, s, atol=1e-5)]
+        assert matches, "a quarter-turn augmentation must be exact (no interpolation, no black corners)"
+        seen.add(matches[0])
+    assert len(seen) >= 6  # per instance, all symmetries reachable

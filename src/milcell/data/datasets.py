@@ -160,17 +160,27 @@ class _EpochMixin:
         self._epoch.fill_(int(epoch))
 
 
-def _resolve_path(path: Path, root: Path | None) -> Path:
+def _locate(path: Path, root: Path | None) -> Path:
+    """The file of a record: as given, or under ``root`` when a relative path does not exist."""
     path = Path(path)
     if root is not None and not path.is_absolute() and not path.exists():
         candidate = Path(root) / path
         if candidate.exists():
             path = candidate
+    return path
+
+
+def _check_before_reading(path: Path, root: Path | None) -> None:
     if root is not None:
         # Checked again at read time: a file replaced by a symlink pointing out of the dataset
-        # after the loader checked it is refused.
+        # after the loader checked it is refused. (An image served from memory is not read.)
         check_inside(Path(root), path)
-    return path
+
+
+def _resolve_path(path: Path, root: Path | None) -> Path:
+    located = _locate(path, root)
+    _check_before_reading(located, root)
+    return located
 
 
 def _open_image(path: Path, mode: str, owner: str) -> Image.Image:
@@ -207,17 +217,51 @@ class ImageCache:
 
     def __init__(self) -> None:
         self._images: dict[tuple[str, str], np.ndarray] = {}
+        self._tensors: dict[tuple[str, str, str], Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self._images)
+        """Number of cached entries: decoded images plus transformed tensors."""
+        return len(self._images) + len(self._tensors)
 
     def __contains__(self, key: object) -> bool:
         return key in self._images
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the decoded images, in bytes."""
-        return int(sum(a.nbytes for a in self._images.values()))
+        """Memory held by the decoded images and transformed tensors, in bytes."""
+        tensors = sum(t.numel() * t.element_size() for t in self._tensors.values())
+        return int(sum(a.nbytes for a in self._images.values()) + tensors)
+
+    def transformed(
+        self,
+        path: Path,
+        mode: str,
+        owner: str,
+        transform: Callable[[Image.Image], Tensor],
+        root: Path | None = None,
+    ) -> Tensor:
+        """The output of a *deterministic* ``transform`` on the image, computed on the first call only.
+
+        Keyed by the file, the mode and ``repr(transform)`` (torchvision transforms list
+        their parameters there), so datasets sharing the cache and an equal transform
+        share the tensors. The decoded image itself is not kept. With ``root``, a file
+        about to be read is first checked to be inside it.
+
+        Raises
+        ------
+        DataError
+            An unreadable file or a transform that does not return a tensor.
+        """
+        key = (str(path), mode, repr(transform))
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            image = self.open(path, mode, owner) if (str(path), mode) in self._images else None
+            if image is None:
+                _check_before_reading(Path(path), root)
+                image = _open_image(Path(path), mode, owner)
+            tensor = _apply_transform(transform, image, Path(path), owner)
+            self._tensors[key] = tensor
+        return tensor
 
     def open(self, path: Path, mode: str, owner: str) -> Image.Image:
         """The image at ``path`` converted to ``mode``, decoded on the first call only.
@@ -257,8 +301,46 @@ def _as_cache(cache_images: bool | ImageCache) -> ImageCache | None:
     raise ConfigError(f"cache_images must be a bool or an ImageCache, got {type(cache_images).__name__}")
 
 
-def _read_image(cache: ImageCache | None, path: Path, mode: str, owner: str) -> Image.Image:
+def _read_image(
+    cache: ImageCache | None, path: Path, mode: str, owner: str, root: Path | None = None
+) -> Image.Image:
+    """The image from the cache, or from disk after checking that ``path`` is inside ``root``."""
+    if cache is None or (str(path), mode) not in cache:
+        _check_before_reading(path, root)
     return _open_image(path, mode, owner) if cache is None else cache.open(path, mode, owner)
+
+
+def _check_bag_transform(
+    bag_transform: Callable[[Tensor], Tensor] | None, who: str
+) -> Callable[[Tensor], Tensor] | None:
+    if bag_transform is not None and not callable(bag_transform):
+        raise ConfigError(
+            f"{who}: bag_transform must be callable or None, got {type(bag_transform).__name__}"
+        )
+    return bag_transform
+
+
+def _check_cache_transformed(cache_transformed: Any, cache: ImageCache | None, who: str) -> bool:
+    if not isinstance(cache_transformed, (bool, np.bool_)):
+        raise ConfigError(f"{who}: cache_transformed must be a bool, got {cache_transformed!r}")
+    if cache_transformed and cache is None:
+        raise ConfigError(f"{who}: cache_transformed=True needs cache_images=True (or an ImageCache)")
+    return bool(cache_transformed)
+
+
+def _run_bag_transform(
+    bag_transform: Callable[[Tensor], Tensor] | None, instances: Tensor, owner: str
+) -> Tensor:
+    if bag_transform is None:
+        return instances
+    out = bag_transform(instances)
+    if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != instances.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise DataError(
+            f"{owner}: bag_transform must return a tensor with the {instances.shape[0]} instances "
+            f"first, got {got}"
+        )
+    return out
 
 
 def _apply_transform(transform: Callable[[Any], Any], image: Image.Image, path: Path, owner: str) -> Tensor:
@@ -304,6 +386,15 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         Keep every decoded image in memory (an :class:`ImageCache`; pass one
         to share it between datasets): each file is decoded once, the
         ``transform`` still runs at every access. See the module docstring.
+    bag_transform : callable or None, default None
+        ``(N, C, H, W) -> (N, C, H, W)`` applied to the stacked instances of each
+        item, e.g. the :class:`~milcell.data.transforms.BagAugment` of
+        :func:`~milcell.data.transforms.build_bag_transforms`: random flips and
+        rotations of a whole bag in one call, much cheaper than per image.
+    cache_transformed : bool, default False
+        With ``cache_images``: cache the output of ``transform`` instead of the
+        decoded image, so it runs once per file. Only for a deterministic
+        ``transform`` (put the random augmentation in ``bag_transform``).
 
     Attributes
     ----------
@@ -351,10 +442,14 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         seed: int = 0,
         clinical_scaler: Any | None = None,
         cache_images: bool | ImageCache = False,
+        bag_transform: Callable[[Tensor], Tensor] | None = None,
+        cache_transformed: bool = False,
     ) -> None:
         if not isinstance(cohort, BagCohort):
             raise ConfigError(f"BagDataset: cohort must be a BagCohort, got {type(cohort).__name__}")
         self.image_cache = _as_cache(cache_images)
+        self.bag_transform = _check_bag_transform(bag_transform, "BagDataset")
+        self.cache_transformed = _check_cache_transformed(cache_transformed, self.image_cache, "BagDataset")
         _check_cap(max_instances, seed)
         for record in cohort:
             if record.num_instances == 0:
@@ -438,7 +533,11 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
         for record in tqdm(self.cohort, desc="decoding", disable=not progress, leave=False):
             owner = f"patient {record.id!r}"
             for path in record.paths:
-                self.image_cache.open(_resolve_path(path, self.cohort.root), "RGB", owner)
+                resolved = _resolve_path(path, self.cohort.root)
+                if self.cache_transformed:
+                    self.image_cache.transformed(resolved, "RGB", owner, self.transform)
+                else:
+                    self.image_cache.open(resolved, "RGB", owner)
 
     def __getitem__(self, index: int) -> Bag:
         record: BagRecord = self.cohort[index]
@@ -451,11 +550,19 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
             epoch=self.epoch,
             index=int(index) % len(self),
         )
-        paths = [_resolve_path(record.paths[int(i)], self.cohort.root) for i in keep]
-        images = [
-            _apply_transform(self.transform, _read_image(self.image_cache, path, "RGB", owner), path, owner)
-            for path in paths
-        ]
+        root = self.cohort.root
+        paths = [_locate(record.paths[int(i)], root) for i in keep]  # checked when read from disk
+        if self.cache_transformed and self.image_cache is not None:
+            images = [
+                self.image_cache.transformed(path, "RGB", owner, self.transform, root) for path in paths
+            ]
+        else:
+            images = [
+                _apply_transform(
+                    self.transform, _read_image(self.image_cache, path, "RGB", owner, root), path, owner
+                )
+                for path in paths
+            ]
         shapes = {tuple(x.shape) for x in images}
         if len(shapes) > 1:
             raise DataError(
@@ -463,7 +570,7 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
                 "use a transform that resizes them to one size"
             )
         return Bag(
-            torch.stack(images),
+            _run_bag_transform(self.bag_transform, torch.stack(images), owner),
             label=record.label,
             clinical=None if self.clinical is None else self.clinical[index],
             id=record.id,
@@ -889,6 +996,8 @@ class InstanceDataset(Dataset[Bag]):
         ``mask_path``; cells without a mask are left as they are.
     cache_images : bool or ImageCache, default False
         Keep every decoded image (and mask) in memory, as in :class:`BagDataset`.
+    bag_transform : callable or None, default None
+        ``(1, C, H, W) -> (1, C, H, W)`` applied after ``transform``, as in :class:`BagDataset`.
 
     Raises
     ------
@@ -918,6 +1027,7 @@ class InstanceDataset(Dataset[Bag]):
         transform: Callable[[Image.Image], Tensor] | None = None,
         apply_mask: bool = False,
         cache_images: bool | ImageCache = False,
+        bag_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(cells, CellSet):
             raise ConfigError(f"InstanceDataset: cells must be a CellSet, got {type(cells).__name__}")
@@ -925,6 +1035,7 @@ class InstanceDataset(Dataset[Bag]):
         self.transform = transform if transform is not None else default_transform()
         self.apply_mask = bool(apply_mask)
         self.image_cache = _as_cache(cache_images)
+        self.bag_transform = _check_bag_transform(bag_transform, "InstanceDataset")
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -981,8 +1092,10 @@ class InstanceDataset(Dataset[Bag]):
             weights = mask_weights(mask)[..., None]  # {0, 1} and {0, 255} masks alike
             masked = np.asarray(image, dtype=np.float32) * weights
             image = Image.fromarray(np.clip(np.rint(masked), 0, 255).astype(np.uint8), mode="RGB")
-        x = _apply_transform(self.transform, image, path, owner)
-        return Bag(x.unsqueeze(0), label=record.label, id=record.id, instance_names=(path.name,))
+        x = _run_bag_transform(
+            self.bag_transform, _apply_transform(self.transform, image, path, owner)[None], owner
+        )
+        return Bag(x, label=record.label, id=record.id, instance_names=(path.name,))
 
 
 def group_cells_by_patient(cells: CellSet, on_conflict: Literal["error", "max"] = "error") -> BagCohort:

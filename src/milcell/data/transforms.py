@@ -37,7 +37,9 @@ from milcell.exceptions import ConfigError
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BagAugment",
     "CenterCropFraction",
+    "build_bag_transforms",
     "build_transforms",
     "default_transform",
     "resolve_data_config",
@@ -286,6 +288,175 @@ def build_transforms(
     if normalize:
         steps.append(v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])))
     return v2.Compose(steps)
+
+
+class BagAugment:
+    """Flips, rotation and normalisation of every instance of a bag in one call.
+
+    ``(N, C, H, W) -> (N, C, H, W)`` float32. Each instance gets its own random
+    horizontal/vertical flip (probability 0.5 each) and rotation angle, uniform in
+    ``[-rotation, rotation]`` degrees, applied together as one affine resampling
+    (bilinear, corners filled with black) of the whole bag: the same augmentation
+    as :func:`build_transforms` per image, about 15 times cheaper for small cells.
+    ``uint8`` input is scaled to [0, 1] first; then ``mean``/``std`` normalise.
+    Random numbers come from torch's global generator, as for the per-image
+    transforms.
+
+    Parameters
+    ----------
+    hflip, vflip : bool, default False
+        Random horizontal / vertical flips.
+    rotation : float, default 0.0
+        Largest rotation in degrees, in [0, 180]; ``0`` disables it.
+    quarter_turns : bool, default False
+        Rotate by a random multiple of 90° instead (lossless on square images:
+        with both flips, the eight symmetries of the square); ``rotation`` is
+        then ignored.
+    mean, std : sequence of float or None
+        Per-channel normalisation; ``None`` leaves values in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> bag = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    >>> BagAugment(mean=(0.5,) * 3, std=(0.5,) * 3)(bag)[0, 0, 0, 0].item()  # (0 - 0.5) / 0.5
+    -1.0
+    >>> BagAugment(hflip=True, vflip=True, rotation=180.0)(bag.float()).shape
+    torch.Size([4, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        *,
+        hflip: bool = False,
+        vflip: bool = False,
+        rotation: float = 0.0,
+        quarter_turns: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if not isinstance(rotation, numbers.Real) or isinstance(rotation, bool) or not 0 <= rotation <= 180:
+            raise ConfigError(f"rotation must be a number of degrees in [0, 180], got {rotation!r}")
+        if (mean is None) != (std is None):
+            raise ConfigError("BagAugment: pass both mean and std, or neither")
+        self.hflip: bool = bool(hflip)
+        self.vflip: bool = bool(vflip)
+        self.rotation: float = float(rotation)
+        self.quarter_turns: bool = bool(quarter_turns)
+        self.mean: Tensor | None = (
+            None if mean is None else torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
+        )
+        self.std: Tensor | None = (
+            None if std is None else torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+        )
+        if self.std is not None and not bool((self.std > 0).all()):
+            raise ConfigError(f"BagAugment: std must be positive, got {list(std or ())}")
+
+    @property
+    def random(self) -> bool:
+        """Whether the augmentation draws random numbers (any flip or a rotation)."""
+        return self.hflip or self.vflip or self.rotation > 0 or self.quarter_turns
+
+    def __repr__(self) -> str:
+        return (
+            f"BagAugment(hflip={self.hflip}, vflip={self.vflip}, rotation={self.rotation}, "
+            f"quarter_turns={self.quarter_turns}, normalize={self.mean is not None})"
+        )
+
+    def __call__(self, instances: Tensor) -> Tensor:
+        import math
+
+        import torch.nn.functional as F
+
+        if instances.ndim != 4:
+            raise ConfigError(
+                f"BagAugment expects (N, C, H, W) instances, got shape {tuple(instances.shape)}"
+            )
+        x = instances.float() / 255.0 if instances.dtype == torch.uint8 else instances.float()
+        n = x.shape[0]
+        if self.random and n > 0:
+            if self.quarter_turns:
+                angle = torch.randint(0, 4, (n,)).float() * (math.pi / 2.0)
+            else:
+                angle = (torch.rand(n) * 2.0 - 1.0) * (self.rotation * math.pi / 180.0)
+            flip_x = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if self.hflip else torch.ones(n)
+            flip_y = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if self.vflip else torch.ones(n)
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            zero = torch.zeros(n)
+            # output pixel (u, v) samples input R(angle) @ diag(flip_x, flip_y) @ (u, v)
+            theta = torch.stack(
+                [
+                    torch.stack([cos * flip_x, -sin * flip_y, zero], 1),
+                    torch.stack([sin * flip_x, cos * flip_y, zero], 1),
+                ],
+                1,
+            ).to(x.device)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x
+
+
+def build_bag_transforms(
+    data_config: Mapping[str, Any] | nn.Module,
+    train: bool,
+    *,
+    hflip: bool = True,
+    vflip: bool = True,
+    rotation: float = 180.0,
+    quarter_turns: bool = False,
+    center_crop: int | float | Sequence[int] | str | None = None,
+) -> tuple[Callable[[Image.Image], Tensor], BagAugment]:
+    """The transforms of :func:`build_transforms`, split into a per-image and a per-bag part.
+
+    The per-image part is deterministic (image to ``uint8`` tensor, optional centre crop,
+    resize), so a dataset may cache its output
+    (:class:`~milcell.data.BagDataset` ``cache_images=True``); the per-bag part
+    (:class:`BagAugment`) adds the random flips and rotation for training and normalises.
+    Together they give what :func:`build_transforms` gives (without colour jitter);
+    ``quarter_turns=True`` rotates by multiples of 90° instead (see :class:`BagAugment`).
+
+    Returns
+    -------
+    instance_transform : callable
+        ``PIL.Image -> uint8 Tensor (C, H, W)``.
+    bag_transform : BagAugment
+        ``(N, C, H, W) -> float32 (N, C, H, W)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from PIL import Image
+    >>> cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    >>> per_image, per_bag = build_bag_transforms(cfg, train=False)
+    >>> img = Image.new("RGB", (40, 30), (255, 0, 0))
+    >>> x = per_bag(torch.stack([per_image(img)]))
+    >>> torch.allclose(x[0], build_transforms(cfg, train=False)(img))
+    True
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    cfg = resolve_data_config(data_config)
+    channels, height, width = cfg["input_size"]
+    steps: list[Any] = [v2.ToImage()]
+    crop = _center_crop(center_crop, cfg["crop_pct"])
+    if crop is not None:
+        steps.append(crop)
+    steps.append(
+        v2.Resize((height, width), interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
+    )
+    if channels == 1:
+        steps.append(v2.Grayscale(1))
+    augment = BagAugment(
+        hflip=train and hflip,
+        vflip=train and vflip,
+        rotation=float(rotation) if train else 0.0,
+        quarter_turns=train and quarter_turns,
+        mean=cfg["mean"],
+        std=cfg["std"],
+    )
+    return v2.Compose(steps), augment
 
 
 def default_transform() -> Callable[[Image.Image], Tensor]:

@@ -154,14 +154,16 @@ class MILModel(nn.Module):
     use_image, use_clinical : bool
         Whether :meth:`forward` reads ``batch.instances`` / requires
         ``batch.clinical``.
-
-    The old spellings ``feature_dim`` (of ``in_dim``), ``uses_image`` (of
-    ``use_image``) and ``needs_clinical`` (of ``use_clinical``) still read
-    these attributes; the first two with a :class:`DeprecationWarning`.
     prediction_level : bool
         The pooling's ``prediction_level``: its output already is the logits.
     config : dict or None
         Builder arguments when made by :func:`create_mil_model`.
+
+    Notes
+    -----
+    The old spellings ``feature_dim`` (of ``in_dim``), ``uses_image`` (of
+    ``use_image``) and ``needs_clinical`` (of ``use_clinical``) still read
+    these attributes, with a :class:`DeprecationWarning`.
 
     Raises
     ------
