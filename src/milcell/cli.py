@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(demo, "--output-dir", default="milcell-demo", help="folder of the results")
     add_option(demo, "--overwrite", action="store_true", default=False, help="replace earlier demo results")
-    sizes = demo.add_argument_group("size (defaults: ~3.5 minutes of CPU time on 2 cores)")
+    sizes = demo.add_argument_group("size (defaults: ~2.5 minutes of CPU time on 2 cores)")
     add_option(
         sizes,
         "--smoke",
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(sizes, "--max-cells", type=_positive_int, default=None, help="most cells per patient")
     add_option(demo, "--fusion", default="concat", help="fusion head of the image + clinical model")
     add_option(demo, "--augment", action="store_true", default=True, help=argparse.SUPPRESS)
-    _run_options(demo, epochs=None, batch_size=4, lr=2e-3)
+    _run_options(demo, epochs=None, batch_size=4, lr=3e-3)
     # the demo's fold count and epochs come from the preset unless given; one thread is fastest
     set_default(demo, "folds", None)
     set_default(demo, "threads", 1)
