@@ -193,6 +193,23 @@ def _center_crop(center_crop: int | float | Sequence[int] | str | None, crop_pct
     raise ConfigError(f"center_crop must be None, 'config', a fraction, or a pixel size, got {center_crop!r}")
 
 
+def _to_size_steps(
+    cfg: Mapping[str, Any], center_crop: int | float | Sequence[int] | str | None
+) -> list[Any]:
+    """The deterministic start of every pipeline: image to tensor, optional centre crop, resize."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    _, height, width = cfg["input_size"]
+    steps: list[Any] = [v2.ToImage()]
+    crop = _center_crop(center_crop, cfg["crop_pct"])
+    if crop is not None:
+        steps.append(crop)
+    steps.append(
+        v2.Resize((height, width), interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
+    )
+    return steps
+
+
 def build_transforms(
     data_config: Mapping[str, Any] | nn.Module,
     train: bool,
@@ -256,21 +273,15 @@ def build_transforms(
     >>> torch.equal(tf(Image.new("RGB", (40, 30))), tf(Image.new("RGB", (40, 30))))
     True
     """
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import v2
 
     cfg = resolve_data_config(data_config)
     if not isinstance(rotation, numbers.Real) or isinstance(rotation, bool) or not 0 <= rotation <= 180:
         raise ConfigError(f"rotation must be a number of degrees in [0, 180], got {rotation!r}")
     if not isinstance(color_jitter, numbers.Real) or isinstance(color_jitter, bool) or color_jitter < 0:
         raise ConfigError(f"color_jitter must be a non-negative number, got {color_jitter!r}")
-    channels, height, width = cfg["input_size"]
-    steps: list[Any] = [v2.ToImage()]
-    crop = _center_crop(center_crop, cfg["crop_pct"])
-    if crop is not None:
-        steps.append(crop)
-    steps.append(
-        v2.Resize((height, width), interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
-    )
+    channels = cfg["input_size"][0]
+    steps = _to_size_steps(cfg, center_crop)
     if train:
         if hflip:
             steps.append(v2.RandomHorizontalFlip(0.5))
@@ -435,17 +446,11 @@ def build_bag_transforms(
     >>> torch.allclose(x[0], build_transforms(cfg, train=False)(img))
     True
     """
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import v2
 
     cfg = resolve_data_config(data_config)
-    channels, height, width = cfg["input_size"]
-    steps: list[Any] = [v2.ToImage()]
-    crop = _center_crop(center_crop, cfg["crop_pct"])
-    if crop is not None:
-        steps.append(crop)
-    steps.append(
-        v2.Resize((height, width), interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
-    )
+    channels = cfg["input_size"][0]
+    steps = _to_size_steps(cfg, center_crop)
     if channels == 1:
         steps.append(v2.Grayscale(1))
     augment = BagAugment(
