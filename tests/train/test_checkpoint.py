@@ -236,3 +236,34 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
     assert torch.equal(restored.weight, old.weight)
     # No file was renamed into place before all were written: the epoch-1 checkpoint is whole.
     assert load_checkpoint(path).epoch == 1
+
+
+@pytest.mark.parametrize("epoch", [None, "abc", -1, True, 1.5])
+def test_malformed_epoch_in_the_record_names_file_and_key(tmp_path: Path, epoch: object) -> None:
+    # Regression (issue 10.18): epoch null / "abc" gave a deep traceback instead of a milcell error.
+    from milcell.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "ckpt", nn.Linear(2, 1), epoch=2)
+    record = path / "checkpoint.json"
+    meta = json.loads(record.read_text())
+    meta["epoch"] = epoch
+    record.write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint\.json: key 'epoch' must be a non-negative"
+    ):
+        load_checkpoint(path, nn.Linear(2, 1))
+
+
+def test_training_state_without_rng_names_file_and_key(tmp_path: Path) -> None:
+    # Regression (issue 10.18): a training state without 'rng' failed deep inside the resume.
+    from milcell.train.checkpoint import _read_state
+
+    file = tmp_path / "training_state.pt"
+    torch.save({"epoch": 3, "format_version": 2, "trainer": {}}, file)
+    with pytest.raises(CheckpointError, match=r"training_state\.pt: key 'rng' .* is missing"):
+        _read_state(file, "cpu")
+    torch.save({"epoch": "abc", "rng": {}}, file)
+    with pytest.raises(
+        CheckpointError, match=r"training_state\.pt: key 'epoch' must be a non-negative"
+    ):
+        _read_state(file, "cpu")

@@ -430,6 +430,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint record {meta_path} is unreadable or corrupt: {exc}") from exc
     if not isinstance(meta, dict) or "epoch" not in meta:
         raise CheckpointError(f"checkpoint record {meta_path} lacks the 'epoch' field")
+    epoch = meta["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(
+            f"checkpoint record {meta_path}: key 'epoch' must be a non-negative integer, got {epoch!r}"
+        )
     return meta
 
 
@@ -601,6 +606,16 @@ def _read_state(file: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise CheckpointError(f"training state {file} is truncated or corrupt: {exc}") from exc
     if not isinstance(state, dict) or "epoch" not in state:
         raise CheckpointError(f"training state {file} is not a milcell training state")
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(
+            f"training state {file}: key 'epoch' must be a non-negative integer, got {epoch!r}"
+        )
+    if not isinstance(state.get("rng"), dict):
+        raise CheckpointError(
+            f"training state {file}: key 'rng' (the random states a resume restores) is missing or not a "
+            "mapping; the run cannot be resumed exactly"
+        )
     return state
 
 
