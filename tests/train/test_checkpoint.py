@@ -248,9 +248,7 @@ def test_malformed_epoch_in_the_record_names_file_and_key(tmp_path: Path, epoch:
     meta = json.loads(record.read_text())
     meta["epoch"] = epoch
     record.write_text(json.dumps(meta))
-    with pytest.raises(
-        CheckpointError, match=r"checkpoint\.json: key 'epoch' must be a non-negative"
-    ):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: key 'epoch' must be a non-negative"):
         load_checkpoint(path, nn.Linear(2, 1))
 
 
@@ -263,7 +261,5 @@ def test_training_state_without_rng_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"training_state\.pt: key 'rng' .* is missing"):
         _read_state(file, "cpu")
     torch.save({"epoch": "abc", "rng": {}}, file)
-    with pytest.raises(
-        CheckpointError, match=r"training_state\.pt: key 'epoch' must be a non-negative"
-    ):
+    with pytest.raises(CheckpointError, match=r"training_state\.pt: key 'epoch' must be a non-negative"):
         _read_state(file, "cpu")
