@@ -93,13 +93,17 @@ class MILOutput:
         ``(B, C)`` logits of each expert of the fusion head (``moe``, ``gated``).
     gate : Tensor or None
         ``(B, 1)`` gate of the ``gated`` fusion.
+    aux : dict of str to Tensor
+        The pooling's auxiliary tensors (:attr:`milcell.nn.pooling.PoolingOutput.aux`,
+        e.g. per-class attention ``(B, C, N_max)``), read by its auxiliary
+        losses in :meth:`MILModel.loss`; empty for most poolings.
 
     Examples
     --------
     >>> import torch
     >>> out = MILOutput(logits=torch.zeros(2, 3), embedding=torch.zeros(2, 8))
-    >>> out.attention is None, out.experts
-    (True, {})
+    >>> out.attention is None, out.experts, out.aux
+    (True, {}, {})
     """
 
     logits: Tensor
@@ -108,6 +112,7 @@ class MILOutput:
     instance_logits: Tensor | None = None
     experts: dict[str, Tensor] = field(default_factory=dict)
     gate: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MILModel(nn.Module):
@@ -388,8 +393,11 @@ class MILModel(nn.Module):
 
     def _pool(
         self, features: Tensor, batch: BagBatch, clinical: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Pad ``(T, D)`` features with the batch's layout and pool: embedding, attention, instance logits."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        """Pad ``(T, D)`` features with the batch's layout and pool.
+
+        Returns the embedding, the attention, the instance logits (or None) and the pooling's aux dict.
+        """
         if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[0] != sum(batch.sizes):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ShapeError(
@@ -399,11 +407,11 @@ class MILModel(nn.Module):
         x = batch.pad(features)
         mask = batch.mask.to(x.device)
         pool_clin = clinical if self.pooling.use_clinical else None
-        embedding, attention = self.pooling(x, mask, return_attention=True, clinical=pool_clin)
+        pooled = self.pooling.forward_aux(x, mask, clinical=pool_clin)
         instance_logits = None
         if isinstance(self.pooling, InstanceMeanPooling):
             instance_logits = self.pooling.instance_logits(x, mask, clinical=pool_clin)
-        return embedding, attention, instance_logits
+        return pooled.embedding, pooled.attention, instance_logits, pooled.aux
 
     @overload
     def pool(
@@ -470,7 +478,7 @@ class MILModel(nn.Module):
         self._check_batch(batch)
         if clinical is None:
             clinical = self._clinical(batch)
-        embedding, attention, _ = self._pool(features, batch, clinical)
+        embedding, attention, _, _ = self._pool(features, batch, clinical)
         return (embedding, attention) if return_attention else embedding
 
     def forward_head(self, embedding: Tensor | None, clinical: Tensor | None = None) -> FusionOutput:
@@ -537,13 +545,16 @@ class MILModel(nn.Module):
         instances = self._instances(batch) if self.use_image else None
         clinical = self._clinical(batch)
         embedding = attention = instance_logits = None
+        aux: dict[str, Tensor] = {}
         if instances is not None:
             features = instances if self.encoder is None else self.encoder(instances)
-            embedding, attention, instance_logits = self._pool(features, batch, clinical)
+            embedding, attention, instance_logits, aux = self._pool(features, batch, clinical)
         fused = self.forward_head(embedding, clinical)
         if embedding is None:
             embedding = fused.logits.new_zeros((len(batch), 0))
-        return MILOutput(fused.logits, embedding, attention, instance_logits, dict(fused.experts), fused.gate)
+        return MILOutput(
+            fused.logits, embedding, attention, instance_logits, dict(fused.experts), fused.gate, aux
+        )
 
     def loss(
         self,
@@ -551,9 +562,83 @@ class MILModel(nn.Module):
         batch: BagBatch,
         class_weights: Tensor | Any | None = None,
         expert_weight: float = 1.0,
+        aux_weights: Mapping[str, float] | None = None,
     ) -> Tensor:
-        """Scalar training loss of ``output`` for ``batch``; see :func:`mil_loss`."""
-        return mil_loss(output, batch, class_weights=class_weights, expert_weight=expert_weight)
+        """Scalar training loss of ``output`` for ``batch``: bag loss plus weighted auxiliary losses.
+
+        The bag loss is :func:`mil_loss`. A pooling with auxiliary losses
+        (:meth:`milcell.nn.pooling.MILPooling.auxiliary_losses`, e.g. CLAM's
+        instance clustering) adds ``weight * loss`` for each of them, with
+        the pooling's :attr:`~milcell.nn.pooling.MILPooling.aux_loss_weights`
+        updated by ``aux_weights``; terms of weight 0 are not computed. With
+        soft labels (self-training), the auxiliary losses get the most
+        probable class of each bag as its label.
+
+        Parameters
+        ----------
+        output : MILOutput
+            The model's output for ``batch``.
+        batch : BagBatch
+            Gives the labels.
+        class_weights : Tensor or sequence of float, optional
+            ``(C,)`` per-class weights of the bag loss.
+        expert_weight : float, default 1.0
+            Weight of each fusion expert's cross-entropy (see :func:`mil_loss`).
+        aux_weights : mapping of str to float, optional
+            Overrides of the pooling's auxiliary-loss weights, by name
+            (``{"instance": 0.0}`` switches that term off).
+
+        Returns
+        -------
+        Tensor
+            Scalar float32 loss.
+
+        Raises
+        ------
+        ConfigError
+            An ``aux_weights`` name the pooling does not define, or a negative weight.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from milcell.data.bag import Bag, collate_bags
+        >>> model = create_mil_model(None, pooling="attention", in_dim=4)
+        >>> batch = collate_bags([Bag(torch.randn(3, 4), 1), Bag(torch.randn(2, 4), 0)])
+        >>> loss = model.loss(model(batch), batch)
+        >>> loss.shape, bool(torch.isfinite(loss))
+        (torch.Size([]), True)
+        """
+        total = mil_loss(output, batch, class_weights=class_weights, expert_weight=expert_weight)
+        weights = self._aux_weights(aux_weights)
+        if not any(weights.values()):
+            return total
+        if batch.soft_labels is not None:
+            labels = batch.soft_labels.to(output.logits.device).argmax(dim=1)
+        else:
+            labels = batch.labels.to(output.logits.device)
+        losses = self.pooling.auxiliary_losses(output.aux, labels)
+        for name, weight in weights.items():
+            if not weight:
+                continue
+            if name not in losses:
+                raise ConfigError(
+                    f"MILModel.loss: the {type(self.pooling).__name__} pooling declares an auxiliary loss "
+                    f"{name!r} but auxiliary_losses returned only {sorted(losses)}"
+                )
+            total = total + weight * losses[name].float()
+        return total
+
+    def _aux_weights(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
+        """The pooling's auxiliary-loss weights updated by ``overrides`` (validated)."""
+        weights = dict(getattr(self.pooling, "aux_loss_weights", {}) or {})
+        for name, value in (overrides or {}).items():
+            if name not in weights:
+                raise ConfigError(
+                    f"MILModel.loss: aux_weights names {name!r}, but the {type(self.pooling).__name__} "
+                    f"pooling's auxiliary losses are {sorted(weights) or 'none'}"
+                )
+            weights[name] = check_real(value, f"aux_weights[{name!r}]", low=0.0)
+        return weights
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MILModel:

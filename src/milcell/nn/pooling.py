@@ -63,7 +63,8 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
 import torch
@@ -84,6 +85,7 @@ __all__ = [
     "MILPooling",
     "MaxPooling",
     "MeanPooling",
+    "PoolingOutput",
     "create_pooling",
     "list_poolings",
     "masked_softmax",
@@ -346,6 +348,35 @@ def list_poolings() -> list[str]:
 # --------------------------------------------------------------------------- base class
 
 
+@dataclass
+class PoolingOutput:
+    """Everything a pooling computes for a batch: :meth:`MILPooling.forward_aux`.
+
+    Attributes
+    ----------
+    embedding : Tensor
+        ``(B, out_dim)`` bag embedding (class scores for a prediction-level pooling).
+    attention : Tensor
+        ``(B, N)`` float32 per-instance weights, exactly 0 at masked positions.
+    aux : dict of str to Tensor
+        Pooling-specific tensors (e.g. ``"instance_scores"`` ``(B, N, C)``,
+        ``"class_attention"`` ``(B, C, N)``): what its
+        :meth:`~MILPooling.auxiliary_losses` need, and what a user may want
+        to inspect. Empty for the poolings without auxiliary outputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> out = MeanPooling(4).forward_aux(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    >>> out.embedding.shape, out.attention.shape, out.aux
+    (torch.Size([2, 4]), torch.Size([2, 3]), {})
+    """
+
+    embedding: Tensor
+    attention: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
 class MILPooling(nn.Module):
     """Base class of every pooling: validation, masking and the common ``forward``.
 
@@ -354,6 +385,16 @@ class MILPooling(nn.Module):
     whatever they held), ``mask`` is valid and every bag has at least one
     real instance. :meth:`forward` then forces the weights to exactly 0 at
     masked positions.
+
+    A pooling with auxiliary outputs (instance scores, per-class attention,
+    ...) implements ``_pool_aux(x, mask, clinical) -> (embedding, weights,
+    aux)`` instead, with the same preconditions; :meth:`forward_aux` returns
+    all three as a :class:`PoolingOutput`, and :meth:`forward` drops ``aux``.
+    If its training objective has extra terms (CLAM's instance clustering,
+    DSMIL's max-instance loss, ...), it sets :attr:`aux_loss_weights` and
+    overrides :meth:`auxiliary_losses`; :meth:`milcell.nn.MILModel.loss`
+    adds them, weighted, to the bag loss. This is the one mechanism for
+    auxiliary losses; a pooling without them costs nothing extra.
 
     Parameters
     ----------
@@ -374,12 +415,16 @@ class MILPooling(nn.Module):
         Poolings that do not use them ignore a ``clinical`` argument.
         (``uses_clinical``, its old spelling, still works with a
         :class:`DeprecationWarning`.)
+    aux_loss_weights : dict of str to float
+        Weight of each auxiliary loss by name (``{}``: none); set by the
+        pooling's constructor arguments, overridable per call of
+        :meth:`milcell.nn.MILModel.loss` (``aux_weights=``).
 
     Examples
     --------
     >>> pool = MeanPooling(3)
-    >>> pool.prediction_level, pool.use_clinical, pool.out_dim
-    (False, False, 3)
+    >>> pool.prediction_level, pool.use_clinical, pool.out_dim, pool.aux_loss_weights
+    (False, False, 3, {})
     """
 
     prediction_level: bool = False
@@ -402,6 +447,7 @@ class MILPooling(nn.Module):
         super().__init__()
         self.in_dim = check_int(in_dim, "in_dim", low=1)
         self.out_dim = self.in_dim
+        self.aux_loss_weights: dict[str, float] = {}
 
     # -- validation -------------------------------------------------------------------
     def _validate(self, x: Any, mask: Any) -> None:
@@ -488,8 +534,78 @@ class MILPooling(nn.Module):
             return embedding
         return embedding, torch.where(mask, weights.float(), 0.0)
 
+    def forward_aux(self, x: Tensor, mask: Tensor, clinical: Tensor | None = None) -> PoolingOutput:
+        """Pool ``x`` and return the embedding, the weights and the auxiliary tensors.
+
+        Same inputs, checks and guarantees as :meth:`forward`; the auxiliary
+        tensors depend only on each bag's real instances too.
+
+        Parameters
+        ----------
+        x : Tensor
+            ``(B, N, D)`` instance features (masked positions are ignored).
+        mask : Tensor
+            ``(B, N)`` bool, ``True`` = real instance.
+        clinical : Tensor or None, default None
+            ``(B, F)`` for a pooling whose ``use_clinical`` is True.
+
+        Returns
+        -------
+        PoolingOutput
+            ``embedding (B, out_dim)``, ``attention (B, N)`` (float32, 0 at
+            masked positions) and the pooling's ``aux`` dict.
+
+        Examples
+        --------
+        >>> import torch
+        >>> pool = create_pooling("attention", 4)
+        >>> out = pool.forward_aux(torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True] * 3]))
+        >>> out.attention[0, 2].item(), sorted(out.aux)
+        (0.0, [])
+        """
+        x_clean = self._prepare(x, mask)
+        embedding, weights, aux = self._pool_aux(x_clean, mask, clinical)
+        return PoolingOutput(embedding, torch.where(mask, weights.float(), 0.0), dict(aux))
+
     def _pool(self, x: Tensor, mask: Tensor, clinical: Tensor | None) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        if type(self)._pool_aux is MILPooling._pool_aux:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _pool nor _pool_aux")
+        embedding, weights, _ = self._pool_aux(x, mask, clinical)
+        return embedding, weights
+
+    def _pool_aux(
+        self, x: Tensor, mask: Tensor, clinical: Tensor | None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        embedding, weights = self._pool(x, mask, clinical)
+        return embedding, weights, {}
+
+    def auxiliary_losses(self, aux: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The pooling's own training losses, unweighted, by name.
+
+        :meth:`milcell.nn.MILModel.loss` calls it with the ``aux`` of
+        :meth:`forward_aux` and adds ``aux_loss_weights[name] * loss`` for
+        each term (it skips the call when every weight is 0). The base
+        pooling has none.
+
+        Parameters
+        ----------
+        aux : mapping of str to Tensor
+            :attr:`PoolingOutput.aux` of the batch.
+        labels : Tensor
+            ``(B,)`` int64 bag labels, ``-1`` = unlabelled (such bags add nothing).
+
+        Returns
+        -------
+        dict of str to Tensor
+            Scalar float32 losses, named as in :attr:`aux_loss_weights`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> MeanPooling(2).auxiliary_losses({}, torch.tensor([0, 1]))
+        {}
+        """
+        return {}
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}"
@@ -979,3 +1095,7 @@ class InstanceMeanPooling(MILPooling):
             f"{super().extra_repr()}, num_classes={self.num_classes}, hidden={self.hidden}, "
             f"clinical_dim={self.clinical_dim}"
         )
+
+
+# The published aggregators register themselves here, after the base class exists.
+from milcell.nn import aggregators as _aggregators  # noqa: E402,F401
