@@ -29,6 +29,7 @@ def make_bags(
     seed: int = 0,
     prefix: str = "P",
     ordered: bool = False,
+    signal: float = 0.0,
 ) -> list[Bag]:
     """One :class:`~milcell.data.bag.Bag` per entry of ``sizes`` (its number of instances).
 
@@ -54,6 +55,9 @@ def make_bags(
         Instead of random values, feature instance ``t`` of the whole list (counting across
         the bags) holds ``t`` in every feature, and the clinical attributes of bag ``i`` hold
         ``i``: the order of bags and instances can then be checked exactly.
+    signal : float, default 0.0
+        Added to every feature of a bag labelled ``c >= 0``, times ``c``: with ``signal > 0``
+        the classes are separable by the mean feature (unlabelled bags, ``-1``, get no shift).
 
     Examples
     --------
@@ -64,6 +68,8 @@ def make_bags(
     torch.Size([2, 3, 8, 8])
     >>> make_bags([2, 1], dim=1, ordered=True)[1].instances.tolist()
     [[2.0]]
+    >>> [b.instances.mean().item() > 5 for b in make_bags([50, 50], dim=2, signal=10.0)]
+    [False, True]
     """
     labels = [i % 2 for i in range(len(sizes))] if labels is None else list(labels)
     if len(labels) != len(sizes):
@@ -79,6 +85,8 @@ def make_bags(
                 x = torch.rand(n, 3, image_size, image_size, generator=g)
             else:
                 x = torch.randn(n, dim, generator=g)
+            if signal:
+                x = x + signal * max(label, 0)
             clinical = torch.randn(clinical_dim, generator=g) if clinical_dim else None
         start += n
         bags.append(Bag(x, label=label, clinical=clinical, id=f"{prefix}{i}"))

@@ -24,12 +24,13 @@ from milcell.train.distributed import (
     make_loader,
 )
 from milcell.train.trainer import Predictions, _merge_predictions
+from tests._factories import make_bags
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
 def _bags(n: int) -> list[Bag]:
-    return [Bag(torch.full((1 + i % 2, 3), float(i)), label=i % 2, id=f"P{i}") for i in range(n)]
+    return make_bags([1 + i % 2 for i in range(n)], dim=3)
 
 
 def test_make_loader_single_process_is_seeded() -> None:

@@ -13,6 +13,7 @@ from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.nn.model import create_mil_model
 from milcell.train.distributed import make_loader
 from milcell.train.ensemble import predict_ensemble, vote
+from tests._factories import make_bags
 
 
 def _probs(rows: list[list[float]]) -> torch.Tensor:
@@ -96,10 +97,7 @@ def test_vote_bad_inputs() -> None:
 
 
 def _bags(n: int, d: int = 4, n_instances: int = 3, seed: int = 0) -> list[Bag]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        Bag(torch.randn(n_instances, d, generator=g) + (i % 2), label=i % 2, id=f"P{i}") for i in range(n)
-    ]
+    return make_bags([n_instances] * n, dim=d, seed=seed, signal=1.0)
 
 
 @pytest.mark.parametrize("n_instances", [1, 5])  # single cells (bags of one) and bags

@@ -14,6 +14,7 @@ from milcell.nn.model import create_mil_model
 from milcell.train.distributed import make_loader
 from milcell.train.ensemble import predict_ensemble
 from milcell.train.noisy_student import NoisyStudentResult, PseudoLabelledDataset, noisy_student
+from tests._factories import make_bags
 
 D = 6
 FAST = {"max_epochs": 3, "lr": 0.05}
@@ -22,10 +23,9 @@ FAST = {"max_epochs": 3, "lr": 0.05}
 def _bags(
     n: int, seed: int, hide: bool = False, n_instances: int = 4, prefix: str = "B"
 ) -> FeatureBagDataset:
-    g = torch.Generator().manual_seed(seed)
-    y = [i % 2 for i in range(n)]
-    feats = [torch.randn(n_instances, D, generator=g) + 1.0 * c for c in y]
-    return FeatureBagDataset(feats, labels=[-1] * n if hide else y, ids=[f"{prefix}{i}" for i in range(n)])
+    bags = make_bags([n_instances] * n, dim=D, seed=seed, prefix=prefix, signal=1.0)
+    labels = [-1 if hide else b.label for b in bags]
+    return FeatureBagDataset([b.instances for b in bags], labels=labels, ids=[b.id for b in bags])
 
 
 def _teacher() -> Any:
