@@ -17,7 +17,11 @@ SCRIPTS = {
     "bench_memory": ("memory", "grad_difference"),
     "bench_pooling_vs_torchmil": ("pooling_vs_torchmil", "times"),
     "bench_precision": ("precision", "speedup"),
+    "bench_export": ("export", "speedups"),
+    "classic_mil": ("classic_mil", "results"),
 }
+# Scripts that need an optional package (an extra of pyproject.toml): skipped without it.
+NEEDS = {"bench_export": ("onnxruntime", "the export extra: pip install 'milcell[export]'")}
 
 
 def _load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -36,6 +40,8 @@ def test_benchmark_runs_and_writes_its_tables(
     script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name, key = SCRIPTS[script]
+    if script in NEEDS:
+        pytest.importorskip(NEEDS[script][0], reason=f"{script} needs {NEEDS[script][1]}")
     results = _load(script, monkeypatch).main(["--smoke", "--out-dir", str(tmp_path)])
     assert key in results
     md = (tmp_path / f"{name}.md").read_text(encoding="utf-8")

@@ -506,3 +506,72 @@ def test_predict_rejects_test_ids_that_trained_the_models(
     argv = ["predict", "--run", str(dlmi_run), "--data-dir", str(root), "--output", str(tmp_path / "s.csv")]
     assert main(argv) == 2
     assert f"also training IDs of the run ({train_ids[0]})" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_train_calibrate_then_predict_alpha_writes_sets_and_refer_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cohort = make_cohort(tmp_path / "dlmi", n_patients=26, seed=3, image_size=32, bag_size=(2, 3))
+    out = tmp_path / "calibrated"
+    args = ["train", "--data-dir", str(cohort), "--format", "dlmi", "--image-size", "32"]
+    assert main([*args, *FAST, "--output-dir", str(out), "--calibrate", "temperature"]) == 0
+    assert "calibration" in json.loads((out / "run.json").read_text())
+    target = tmp_path / "sub.csv"
+    argv = ["predict", "--run", str(out), "--output", str(target), "--alpha", "0.2", "--no-progress"]
+    assert main(argv) == 0
+    assert "sub_calibrated.csv" in capsys.readouterr().out
+    with open(tmp_path / "sub_calibrated.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(target, newline="") as fh:
+        assert [r["id"] for r in rows] == [r["Id"] for r in csv.DictReader(fh)]  # the submission's patients
+    for row in rows:
+        assert set(row) >= {"prob_malignant", "calprob_malignant", "prediction_set", "refer"}
+        assert set(filter(None, row["prediction_set"].split("|"))) <= {"reactive", "malignant"}
+        assert row["refer"] in {"0", "1"}
+    assert main(["evaluate", "--run", str(out), "--split", "train", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration   ECE    Brier  NLL" in printed and "referred" in printed
+    # --alpha on a run trained without --calibrate is refused with one line.
+    plain = tmp_path / "plain"
+    assert main([*args, *FAST, "--output-dir", str(plain)]) == 0
+    capsys.readouterr()
+    argv = ["predict", "--run", str(plain), "--output", str(tmp_path / "p.csv"), "--alpha", "0.2"]
+    assert main(argv) != 0
+    assert "--calibrate" in _error_line(capsys)
+    assert not (tmp_path / "p.csv").exists()  # refused before predicting
+
+
+@pytest.mark.slow
+def test_train_folds_file_outer_selection_and_a_one_logit_head(
+    cohorts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from milcell.runs import load_run, load_samples
+
+    samples = load_samples("dlmi", str(cohorts["dlmi"]), "train")
+    folds_file = tmp_path / "folds.csv"
+    rows = "".join(f"{pid},{i % 2}\n" for i, pid in enumerate(samples.ids))
+    folds_file.write_text("patient_id,fold\n" + rows)
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(cohorts["dlmi"]), "--format", "dlmi", "--image-size", "32"]
+    extra = ["--folds-file", str(folds_file), "--selection", "outer", "--one-logit", "--pos-weight", "2"]
+    assert main([*args, *FAST, "--output-dir", str(out), *extra]) == 0
+    printed = capsys.readouterr().out
+    assert f"2 fixed folds ({folds_file})" in printed and "optimistic" in printed
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["split"] == str(folds_file) and config["selection"] == "outer"
+    assert config["one_logit"] is True and config["pos_weight"] == 2.0
+    run = load_run(out)
+    assert all(m.one_logit for m in run.models) and "optimistic" in run.table()
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        oof = {row["id"]: row for row in csv.DictReader(fh)}
+    assert {pid: i % 2 for i, pid in enumerate(samples.ids)} == {
+        pid: int(row["fold"]) for pid, row in oof.items()
+    }
+    assert main(["evaluate", "--run", str(out), "--split", "train", "--no-progress"]) == 0
+    # A folds file naming a patient the data does not have: one line naming it, nothing written.
+    bad = tmp_path / "bad.csv"
+    bad.write_text(folds_file.read_text() + "nobody,1\n")
+    capsys.readouterr()
+    assert main([*args, *FAST, "--output-dir", str(tmp_path / "bad"), "--folds-file", str(bad)]) == 2
+    assert "'nobody'" in _error_line(capsys) and not (tmp_path / "bad").exists()

@@ -246,3 +246,145 @@ def test_summarize_folds_errors() -> None:
         summarize_folds([{"auc": 0.5}, {"auc": "high"}])
     with pytest.raises(ConfigError, match="unknown metrics"):
         format_summary({"auc": (0.5, 0.1)}, names=["kappa"])
+
+
+# --------------------------------------------------------------------------- calibration metrics
+
+
+def test_ece_uniform_bins_hand_computed_binary() -> None:
+    from milcell.metrics import calibration_bins, expected_calibration_error, maximum_calibration_error
+
+    # Bins of width 0.25 on P(class 1): (0, .25] holds 0.1, 0.2 (labels 0, 1); (.5, .75] holds 0.6, 0.7
+    # (labels 1, 1); (.75, 1] holds 0.9 (label 0).
+    y = [0, 1, 1, 1, 0]
+    p = [0.1, 0.2, 0.6, 0.7, 0.9]
+    bins = calibration_bins(y, p, n_bins=4)
+    assert bins.counts.tolist() == [2, 0, 2, 1]
+    assert bins.confidence[[0, 2, 3]] == pytest.approx([0.15, 0.65, 0.9])
+    assert bins.frequency[[0, 2, 3]] == pytest.approx([0.5, 1.0, 0.0])
+    assert math.isnan(bins.confidence[1])
+    expected = (2 * 0.35 + 2 * 0.35 + 1 * 0.9) / 5
+    assert expected_calibration_error(y, p, n_bins=4) == pytest.approx(expected)
+    assert maximum_calibration_error(y, p, n_bins=4) == pytest.approx(0.9)
+
+
+def test_ece_equal_mass_bins_hand_computed() -> None:
+    from milcell.metrics import calibration_bins, expected_calibration_error
+
+    y = [0, 1, 1, 1, 0, 1]
+    p = [0.1, 0.2, 0.6, 0.7, 0.9, 0.95]
+    bins = calibration_bins(y, p, n_bins=3, strategy="quantile")
+    assert bins.counts.tolist() == [2, 2, 2]
+    assert bins.lower.tolist() == [0.1, 0.6, 0.9] and bins.upper.tolist() == [0.2, 0.7, 0.95]
+    expected = (abs(0.5 - 0.15) + abs(1.0 - 0.65) + abs(0.5 - 0.925)) / 3
+    assert expected_calibration_error(y, p, n_bins=3, strategy="quantile") == pytest.approx(expected)
+
+
+def test_ece_top_label_and_classwise_hand_computed() -> None:
+    from milcell.metrics import expected_calibration_error
+
+    prob = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    y = np.array([0, 1, 2, 2])
+    # One bin: top-label confidence mean (0.8 + 0.6 + 0.5 + 0.8) / 4 = 0.675, accuracy 3/4.
+    assert expected_calibration_error(y, prob, n_bins=1) == pytest.approx(abs(0.75 - 0.675))
+    # Class-wise, one bin: |mean p_k - freq_k| averaged over k.
+    freq = np.array([0.25, 0.25, 0.5])
+    expected = np.mean(np.abs(prob.mean(axis=0) - freq))
+    assert expected_calibration_error(y, prob, n_bins=1, mode="classwise") == pytest.approx(expected)
+    # A (n, 2) matrix in binary mode equals the (n,) positive-class form.
+    p1 = np.array([0.2, 0.7, 0.4, 0.9])
+    yb = [0, 1, 1, 1]
+    assert expected_calibration_error(yb, np.stack([1 - p1, p1], 1)) == expected_calibration_error(yb, p1)
+
+
+def test_ece_of_a_perfect_step_is_zero_and_unlabelled_are_ignored() -> None:
+    from milcell.metrics import expected_calibration_error
+
+    assert expected_calibration_error([0, 0, 1, 1], [0.0, 0.0, 1.0, 1.0]) == 0.0
+    assert expected_calibration_error([0, 1, -1], [0.0, 1.0, 0.9]) == 0.0
+
+
+def test_brier_and_nll_match_scikit_learn() -> None:
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    from milcell.metrics import brier_score, negative_log_likelihood
+
+    rng = np.random.default_rng(3)
+    p1 = rng.uniform(0.01, 0.99, size=50)
+    y = rng.integers(0, 2, size=50)
+    assert brier_score(y, p1) == pytest.approx(brier_score_loss(y, p1))
+    assert negative_log_likelihood(y, p1) == pytest.approx(log_loss(y, p1))
+    prob = rng.dirichlet([1.0, 2.0, 3.0], size=60)
+    y3 = rng.integers(0, 3, size=60)
+    assert brier_score(y3, prob) == pytest.approx(brier_score_loss(y3, prob, labels=[0, 1, 2]))
+    assert negative_log_likelihood(y3, prob) == pytest.approx(log_loss(y3, prob, labels=[0, 1, 2]))
+
+
+def test_calibration_report_bootstrap_intervals_bracket_the_estimate() -> None:
+    from milcell.metrics import calibration_report
+
+    rng = np.random.default_rng(0)
+    prob = rng.dirichlet([1.0, 1.0, 1.0], size=120)
+    y = rng.integers(0, 3, size=120)
+    r = calibration_report(y, prob, n_bins=5, n_bootstrap=60, seed=2)
+    assert r.mode == "top_label" and r.n_samples == 120
+    for name in ("ece", "mce", "classwise_ece", "brier", "nll"):
+        low, high = r.ci[name]
+        assert low <= high
+        assert f"{name}_ci_low" in r.as_dict()
+    assert r.ci["brier"][0] <= r.brier <= r.ci["brier"][1]
+    again = calibration_report(y, prob, n_bins=5, n_bootstrap=60, seed=2)
+    assert again.ci == r.ci
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_bins": 0}, "n_bins"),
+        ({"strategy": "log"}, "strategy"),
+        ({"mode": "binary"}, "two classes"),
+        ({"mode": "per_class"}, "mode"),
+    ],
+)
+def test_calibration_metric_arguments_are_checked(kwargs: dict[str, object], message: str) -> None:
+    from milcell.metrics import expected_calibration_error
+
+    with pytest.raises(ConfigError, match=message):
+        expected_calibration_error([0, 1, 2], np.eye(3), **kwargs)  # type: ignore[arg-type]
+
+
+def test_calibration_metrics_refuse_logits() -> None:
+    from milcell.metrics import brier_score, calibration_report
+
+    with pytest.raises(DataError, match="probabilities"):
+        brier_score([0, 1], [[2.0, -1.0], [0.5, 0.5]])
+    with pytest.raises(DataError, match="sum to 1"):
+        calibration_report([0, 1], [[0.9, 0.9], [0.5, 0.5]])
+
+
+@settings(max_examples=20)
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=0, max_value=10_000))
+def test_ece_lies_in_unit_interval_and_below_mce(n: int, seed: int) -> None:
+    from milcell.metrics import expected_calibration_error, maximum_calibration_error
+
+    rng = np.random.default_rng(seed)
+    prob = rng.dirichlet([1.0, 1.0, 1.0], size=n)
+    y = rng.integers(0, 3, size=n)
+    for strategy in ("uniform", "quantile"):
+        ece = expected_calibration_error(y, prob, n_bins=7, strategy=strategy)
+        mce = maximum_calibration_error(y, prob, n_bins=7, strategy=strategy)
+        assert 0.0 <= ece <= mce + 1e-12 <= 1.0 + 1e-12
+
+
+def test_risk_coverage_curve_hand_computed_with_ties() -> None:
+    from milcell.metrics import aurc, risk_coverage_curve
+
+    # Sorted by confidence: 0.9 (right), 0.7 (wrong), 0.7 (right), 0.2 (wrong); the tie is one point.
+    rc = risk_coverage_curve([1, 0, 1, 0], [0.9, 0.7, 0.7, 0.2])
+    assert rc.coverage.tolist() == [1.0, 0.75, 0.25]
+    assert rc.risk.tolist() == pytest.approx([0.5, 1 / 3, 0.0])
+    assert rc.threshold.tolist() == [0.2, 0.7, 0.9]
+    # AURC: k=1 -> 0; k=2, 3 (tied group) -> 1/3 each; k=4 -> 1/2.
+    assert aurc([1, 0, 1, 0], [0.9, 0.7, 0.7, 0.2]) == pytest.approx((0 + 2 / 3 + 0.5) / 4)
+    with pytest.raises(DataError, match="same length|one length"):
+        risk_coverage_curve([1, 0], [0.5])

@@ -390,3 +390,66 @@ def test_train_run_refuses_changed_settings_and_leaves_the_run_untouched(
     with pytest.raises(ConfigError, match="nothing to resume"):
         train_run(load_dlmi(cohort_root, "train"), out.parent / "fresh", resume=True, **common)
     assert not (out.parent / "fresh").exists()
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.slow
+def test_a_calibrated_run_stores_its_calibrator_and_predicts_calibrated_probabilities(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from milcell.calibration import RunCalibration
+
+    root = tmp_path_factory.mktemp("calibrated_data")
+    cohort = make_cohort(root / "dlmi", n_patients=28, seed=1, image_size=32, bag_size=(2, 3))
+    out = tmp_path_factory.mktemp("calibrated") / "run"
+    common = {"folds": 2, "epochs": 1, "batch_size": 4, "image_size": 32, "max_instances": 2}
+    with pytest.raises(ConfigError, match="calibrate"):
+        train_run(load_dlmi(cohort, "train"), None, calibrate="isotonic", **common)
+    run = train_run(
+        load_dlmi(cohort, "train"),
+        out,
+        pooling="mean",
+        figures=False,
+        device="cpu",
+        data_format="dlmi",
+        calibrate="temperature",
+        **common,
+    )
+    stored = RunCalibration.from_dict(json.loads((out / "run.json").read_text())["calibration"])
+    n_oof = int((run.cv.oof.repeat == 0).sum())
+    assert stored.labels.shape == (n_oof,)
+    assert stored.metrics is not None and set(stored.metrics) >= {"ece", "ece_calibrated", "brier_calibrated"}
+    loaded = load_run(out)
+    assert loaded.calibration is not None
+    assert loaded.calibration.calibrator.temperature == pytest.approx(stored.calibrator.temperature)
+    train = load_dlmi(cohort, "train")
+    preds = loaded.predict(train)
+    assert preds.calibrated is not None and preds.calibrated.shape == preds.probabilities.shape
+    mean = np.mean(np.stack(preds.fold_probabilities), axis=0)
+    expected = stored.calibrator.transform_probabilities(mean.astype(np.float64))
+    assert preds.calibrated == pytest.approx(expected, abs=1e-5)
+    assert "calprob_malignant" in preds.rows()[0]
+    evaluation = loaded.evaluate(train, refer_target=0.9)
+    assert {"ece", "ece_calibrated", "referred", "referral_metric"} <= set(evaluation.calibration)
+    assert "calibration" in evaluation.table() and "referred" in evaluation.table()
+
+
+def test_fold_scalers_are_fitted_on_what_the_fold_models_trained_on(
+    trained: tuple[SavedRun, Path], cohort_root: Path
+) -> None:
+    # Honest selection: each fold model trains on its fold's training patients less the inner
+    # selection set, and its saved clinical scaler must come from exactly those patients.
+    from milcell.runs import fit_clinical_scaler
+
+    run, out = trained
+    cohort = load_dlmi(cohort_root, "train")
+    assert run.cv is not None and run.cv.selection == "inner" and run.record["config"]["selection"] == "inner"
+    folds = json.loads((out / "cv" / "fold_0_0" / "result.json").read_text())
+    assert set(folds["fit"]) < set(folds["train"]) and folds["select"]
+    for k, (scaler, fit) in enumerate(zip(run.scalers, run.cv.fit_indices, strict=True)):
+        record = json.loads((out / "cv" / f"fold_0_{k}" / "result.json").read_text())
+        assert fit.tolist() == record["fit"]
+        assert scaler.to_dict() == fit_clinical_scaler(cohort, fit).to_dict()  # type: ignore[union-attr]
+    assert "optimistic" not in run.table()

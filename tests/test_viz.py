@@ -490,3 +490,54 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch: pytest.MonkeyPatch) 
         assert isinstance(info.value, MilcellError)
         assert type(info.value).__name__ == "MissingExtraError"
     assert issubclass(MissingExtraError, ImportError)
+
+
+# ----------------------------------------------------------------------------- calibration figures
+
+
+def test_reliability_diagram_points_and_counts_match_the_bins(tmp_path: Path) -> None:
+    from milcell.metrics import calibration_bins
+    from milcell.viz import plot_reliability_diagram
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=200)
+    y = (rng.uniform(size=200) < p**2).astype(int)  # over-confident model
+    fig = plot_reliability_diagram(y, torch.tensor(p), n_bins=5, label="raw", title="before")
+    top, bottom = fig.axes
+    bins = calibration_bins(y, p, n_bins=5)
+    x, freq = top.lines[1].get_data()
+    np.testing.assert_allclose(x, bins.confidence)
+    np.testing.assert_allclose(freq, bins.frequency)
+    assert [round(b.get_height()) for b in bottom.patches] == bins.counts.tolist()
+    assert f"raw (ECE {bins.ece:.3f})" in [t.get_text() for t in top.get_legend().get_texts()]
+    # A second curve on the same axes (after calibration) adds a line and no count panel.
+    plot_reliability_diagram(y, p**2, n_bins=5, label="calibrated", ax=top)
+    assert len(fig.axes) == 2 and len(top.lines) == 4
+    _assert_png(save_figure(fig, tmp_path / "reliability.png", dpi=60))
+
+
+def test_reliability_diagram_top_label_and_bad_input() -> None:
+    from milcell.viz import plot_reliability_diagram
+
+    prob = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    fig = plot_reliability_diagram([0, 2, 2], prob, n_bins=3, strategy="quantile")
+    assert fig.axes[0].get_ylabel() == "Observed frequency (accuracy)"
+    with pytest.raises(DataError, match="probabilities"):
+        plot_reliability_diagram([0, 1], [2.0, -1.0])
+    with pytest.raises(ConfigError, match="strategy"):
+        plot_reliability_diagram([0, 1], [0.2, 0.8], strategy="log")
+
+
+def test_risk_coverage_plot_draws_one_curve_per_score(tmp_path: Path) -> None:
+    from milcell.metrics import aurc
+    from milcell.viz import plot_risk_coverage
+
+    correct = np.array([1, 0, 1, 1, 0, 1])
+    conf = np.array([0.9, 0.55, 0.8, 0.7, 0.6, 0.95])
+    fig = plot_risk_coverage({"max probability": (correct, conf), "random": (correct, np.arange(6.0))})
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert texts[0] == f"max probability (AURC {aurc(correct, conf):.3f})"
+    assert len(fig.axes[0].lines) == 2
+    _assert_png(save_figure(fig, tmp_path / "rc.png", dpi=60))
+    with pytest.raises(ConfigError, match="non-empty"):
+        plot_risk_coverage({})

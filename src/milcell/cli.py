@@ -1,4 +1,4 @@
-"""The ``milcell`` command: demo, train, evaluate, predict, extract-features, info.
+"""The ``milcell`` command: demo, train, tune, evaluate, predict, extract-features, export, info.
 
 Every subcommand has ``--help``. Options can also come from a YAML or JSON
 file (``--config FILE``) whose keys are the option names (``batch-size`` or
@@ -81,6 +81,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _open_unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
     return value
 
 
@@ -199,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(
         data, "--no-augment", dest="augment", action="store_false", default=True, help="no flips/rotations"
     )
+    add_option(
+        data,
+        "--features",
+        metavar="DIR",
+        default=None,
+        help="train on the feature cache written by 'milcell extract-features' (no backbone pass)",
+    )
     add_option(train, "--output-dir", default="milcell-run", help="folder of the saved run")
     add_option(
         train,
@@ -246,6 +260,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(train, "--monitor", default="val_loss", help="metric selecting each fold's best epoch")
     add_option(train, "--patience", type=_positive_int, default=None, help="early-stopping patience (epochs)")
     add_option(train, "--num-workers", type=_non_negative_int, default=0, help="DataLoader workers")
+    add_option(
+        train,
+        "--calibrate",
+        choices=("temperature", "vector", "platt"),
+        default=None,
+        help="fit a calibrator on the out-of-fold predictions and store it with the run",
+    )
+    add_option(
+        train,
+        "--folds-file",
+        metavar="FILE",
+        default=None,
+        help="fixed folds: a CSV file with the columns patient_id and fold (replaces --folds/--repeats)",
+    )
+    add_option(
+        train,
+        "--selection",
+        choices=("inner", "outer"),
+        default="inner",
+        help="choose each fold's epoch on an inner split of its training patients (honest, default) or "
+        "on the reported fold ('outer': optimistic)",
+    )
+    add_option(
+        train,
+        "--inner-fraction",
+        type=_positive_float,
+        default=0.2,
+        help="share of each training fold held out for --selection inner",
+    )
+    add_option(
+        train, "--one-logit", action="store_true", default=False, help="binary: one-logit head (sigmoid, BCE)"
+    )
+    add_option(
+        train, "--pos-weight", type=_positive_float, default=None, help="binary: positive-class loss weight"
+    )
+    tracking = train.add_argument_group("tracking")
+    add_option(
+        tracking,
+        "--logger",
+        action="append",
+        metavar="NAME",
+        default=None,
+        help="experiment logger: csv, tensorboard or mlflow (repeat it or comma-separate; tensorboard and "
+        'mlflow need pip install "milcell[track]")',
+    )
+    add_option(
+        tracking,
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: a local file store in OUTPUT_DIR/mlruns)",
+    )
     _run_options(train, epochs=20, batch_size=4, lr=1e-3)
     _common(train)
     commands["train"] = train
@@ -274,7 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="which samples (default: test; cnmc: all)",
             )
+        add_option(
+            p,
+            "--features",
+            metavar="DIR",
+            default=None,
+            help="feature cache of the data (required for a run trained with --features)",
+        )
         add_option(p, "--method", choices=("soft", "hard"), default="soft", help="vote of the fold models")
+        add_option(
+            p,
+            "--refer-target",
+            type=_open_unit,
+            default=0.95,
+            help="calibrated runs: refer the fewest patients so that the sensitivity on the rest reaches it",
+        )
+        if name == "predict":
+            add_option(
+                p,
+                "--alpha",
+                type=_open_unit,
+                default=None,
+                help="calibrated runs: write prediction sets at this error rate, the calibrated "
+                "probabilities and a refer flag to <output>_calibrated.csv",
+            )
         add_option(p, "--batch-size", type=_positive_int, default=4, help="bags per batch")
         add_option(p, "--precision", choices=PRECISIONS, default="32", help="autocast precision")
         add_option(p, "--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -327,6 +416,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(feats)
     commands["extract-features"] = feats
+
+    export = sub.add_parser(
+        "export",
+        help="a saved run's patient-level model as one ONNX or TorchScript file",
+        description="Export a saved run (fold models soft-voted, clinical scaling and calibration "
+        "included) as one ONNX or TorchScript file mapping one bag of any size to class probabilities "
+        "and per-instance attention; the preprocessing is recorded in the file's metadata.",
+    )
+    add_option(export, "run", metavar="RUN", help="folder written by 'milcell train'")
+    add_option(export, "--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
+    add_option(
+        export,
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="file to write (default: RUN/model.onnx or .pt)",
+    )
+    add_option(
+        export,
+        "--normalize",
+        action="store_true",
+        default=False,
+        help="image runs: normalise (mean/std) inside the graph, so inputs are images in [0, 1]",
+    )
+    add_option(
+        export,
+        "--no-calibration",
+        dest="calibrated",
+        action="store_false",
+        default=True,
+        help="leave the run's calibration out",
+    )
+    _common(export)
+    commands["export"] = export
+
+    tune = sub.add_parser(
+        "tune",
+        help="search the options of 'milcell train' by cross-validated balanced accuracy or AUC",
+        description="Hyper-parameter search (Optuna, resumable, in OUTPUT_DIR/study.db; or Ray Tune) over "
+        "options of 'milcell train', each trial a cross-validated run; the best trial's options are "
+        "written to OUTPUT_DIR/best/config.yaml for 'milcell train --config'. The --config file holds "
+        "'train' (fixed 'milcell train' options), 'space' and the settings below (flags override them).",
+    )
+    add_option(tune, "--config", dest="tune_config", metavar="FILE", help="the search file (required)")
+    add_option(tune, "--output-dir", help="folder of the study (default: milcell-tune)")
+    add_option(tune, "--n-trials", type=_positive_int, help="finished trials to reach (default: 20)")
+    add_option(tune, "--backend", choices=("optuna", "ray"), help="search backend (default: optuna)")
+    add_option(tune, "--address", help="Ray cluster address (default: a local Ray)")
+    add_option(
+        tune, "--metric", choices=("balanced_accuracy", "auc"), help="objective (default: balanced_accuracy)"
+    )
+    add_option(tune, "--pruner", choices=("median", "none"), help="early pruning of trials (default: median)")
+    add_option(tune, "--seed", type=_non_negative_int, help="seed of the sampler (default: 0)")
+    add_option(tune, "--cpus-per-trial", type=_positive_float, help="Ray: CPUs per trial (default: 1)")
+    add_option(tune, "--gpus-per-trial", type=float, help="Ray: GPUs per trial (default: 0)")
+    _common(tune, config=False)
+    commands["tune"] = tune
 
     info = sub.add_parser(
         "info",
@@ -469,6 +615,10 @@ def _cmd_train(cfg: dict[str, Any]) -> int:
     out = Path(cfg["output_dir"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir '{out}' is a file, not a folder")
+    if cfg.get("logger"):  # repeated flags or a comma-separated string: saved as one string
+        from milcell.train.loggers import parse_logger_names
+
+        cfg["logger"] = ",".join(parse_logger_names(cfg["logger"])) or None
 
     # Nothing is written until the library has validated the run: config.yaml goes in just before training.
     def write_config(folder: Path) -> None:
@@ -476,11 +626,30 @@ def _cmd_train(cfg: dict[str, Any]) -> int:
 
     run = train_command(cfg, out, before_training=write_config)
     print(f"{cfg['data_dir']}: {describe_data(run.data)}")
-    print(
-        f"{cfg['folds']}-fold patient-level cross-validation on {cfg['data_dir']} (mean ± std over folds)\n"
+    done = run.record.get("config") or {}
+    split = f"{done.get('folds', cfg['folds'])}-fold"
+    if cfg.get("folds_file"):
+        split = f"{done.get('folds')} fixed folds ({cfg['folds_file']})"
+    chosen = (
+        "epochs chosen on the reported folds: optimistic"
+        if done.get("selection") == "outer"
+        else "epochs chosen on inner splits"
     )
+    print(f"{split} patient-level cross-validation on {cfg['data_dir']} ({chosen}; mean ± std over folds)\n")
     print(run.table())
     print(f"\nsaved {len(run.models)} fold models, metrics and figures to {out}/")
+    return 0
+
+
+def _cmd_tune(cfg: dict[str, Any]) -> int:
+    from milcell._cli.tune import tune_command
+
+    result, best = tune_command(cfg)
+    for trial in result.trials:
+        value = "" if trial["value"] is None else f"{trial['value']:.4f}"
+        print(f"{trial['name']}  {trial['state']:<8}  {value:>7}  {trial['params']}")
+    print(f"\nbest {result.metric} {result.best_value:.4f} ({result.best_trial}): {result.best_params}")
+    print(f"rerun it with: milcell train --config {best}")
     return 0
 
 
@@ -561,12 +730,35 @@ def _cmd_extract_features(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_export(cfg: dict[str, Any]) -> int:
+    from milcell.export import export_run, read_metadata
+
+    _require(cfg, "run")
+    suffix = ".onnx" if cfg["format"] == "onnx" else ".pt"
+    target = Path(cfg.get("output") or Path(cfg["run"]) / f"model{suffix}")
+    path = export_run(
+        cfg["run"], target, cfg["format"], normalize=cfg["normalize"], calibrated=cfg["calibrated"]
+    )
+    meta = read_metadata(path)
+    if meta["input"] == "images":
+        size = f"{meta['image_size']} px images"
+    else:
+        size = f"{meta['feature_dim']}-d features"
+    print(
+        f"exported {meta['folds']} fold model(s) ({meta['pooling']}, {size}, calibration: "
+        f"{meta['calibration']}) to {path}"
+    )
+    return 0
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
+    "tune": _cmd_tune,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
     "extract-features": _cmd_extract_features,
+    "export": _cmd_export,
     "info": _cmd_info,
 }
 

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ExportError",
     "LockError",
     "MilcellError",
     "ShapeError",
@@ -53,6 +54,16 @@ class CheckpointError(MilcellError):
 
 class CacheError(MilcellError):
     """A feature cache is incomplete or does not match its key."""
+
+
+class ExportError(MilcellError, ValueError):
+    """A model cannot be exported (:mod:`milcell.export`), or its exported file does not match it.
+
+    Raised for a pooling whose forward pass cannot be written as a graph with a
+    dynamic bag size (the message names the pooling and the reason), a missing
+    optional package (``onnx``, ``onnxruntime``: ``pip install "milcell[export]"``),
+    and an exported file whose outputs differ from the model's.
+    """
 
 
 class LockError(MilcellError):

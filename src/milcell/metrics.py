@@ -12,6 +12,16 @@ negative class ``0`` (healthy):
 - ``auc`` = area under the ROC curve of the scores;
 - ``kappa`` = Cohen's kappa of the thresholded predictions.
 
+Calibration (do the probabilities mean what they say?) is measured by
+:func:`expected_calibration_error` (ECE, equal-width or equal-mass bins;
+binary on ``P(class 1)``, top-label or class-wise),
+:func:`maximum_calibration_error`, :func:`brier_score` and
+:func:`negative_log_likelihood`, gathered with bootstrap intervals by
+:func:`calibration_report`; :func:`calibration_bins` gives the reliability
+table behind :func:`milcell.viz.plot_reliability_diagram`. Selective
+prediction (answer only the most confident patients) is measured by
+:func:`risk_coverage_curve` and its area :func:`aurc`.
+
 Scores are *probabilities*, never logits. Bags labelled ``-1`` (unlabelled)
 are left out of every metric and counted in ``n_unlabelled``.
 
@@ -40,11 +50,22 @@ from milcell.exceptions import ConfigError, DataError
 
 __all__ = [
     "BinaryReport",
+    "CalibrationBins",
+    "CalibrationReport",
     "MulticlassReport",
+    "RiskCoverage",
+    "aurc",
     "binary_report",
+    "brier_score",
+    "calibration_bins",
+    "calibration_report",
+    "expected_calibration_error",
     "format_mean_std",
     "format_summary",
+    "maximum_calibration_error",
     "multiclass_report",
+    "negative_log_likelihood",
+    "risk_coverage_curve",
     "summarize_folds",
 ]
 
@@ -559,6 +580,612 @@ def multiclass_report(
         n_unlabelled=n_unlabelled,
         ci=intervals,
     )
+
+
+# --------------------------------------------------------------------------- calibration
+
+_CALIBRATION_MODES = ("auto", "binary", "top_label", "classwise")
+_BIN_STRATEGIES = ("uniform", "quantile")
+_CALIBRATION_SCALARS = ("ece", "mce", "classwise_ece", "brier", "nll")
+#: Probabilities are clipped to ``[_NLL_EPS, 1]`` before the logarithm of the NLL.
+_NLL_EPS = 1e-12
+
+
+def _probability_matrix(y_prob: Any, what: str = "y_prob") -> np.ndarray:
+    """``(n,)`` positive-class probabilities or ``(n, C)`` rows summing to 1, as ``(n, C)`` float64."""
+    prob = np.asarray(y_prob, dtype=np.float64)
+    if prob.ndim == 1:
+        _check_probabilities(prob, what)
+        return np.stack([1.0 - prob, prob], axis=1)
+    if prob.ndim != 2 or prob.shape[1] < 2:
+        raise DataError(
+            f"{what} must be (n,) positive-class probabilities or an (n, C) probability matrix with "
+            f"C >= 2, got shape {prob.shape}"
+        )
+    _check_probabilities(prob, what)
+    sums = prob.sum(axis=1)
+    if prob.shape[0] and not np.allclose(sums, 1.0, atol=1e-3):
+        worst = int(np.argmax(np.abs(sums - 1.0)))
+        raise DataError(
+            f"{what} rows must sum to 1 (row {worst} sums to {sums[worst]:.4g}): probabilities are "
+            "expected (apply softmax to logits first)"
+        )
+    return prob
+
+
+def _labelled_matrix(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    prob = _probability_matrix(y_prob)
+    y = _as_labels(y_true, prob.shape[1], prob.shape[0])
+    return _split_unlabelled(y, prob)
+
+
+def _resolve_mode(mode: str, n_classes: int) -> str:
+    mode = str(mode)
+    if mode not in _CALIBRATION_MODES:
+        raise ConfigError(f"mode must be one of {', '.join(map(repr, _CALIBRATION_MODES))}, got {mode!r}")
+    if mode == "auto":
+        return "binary" if n_classes == 2 else "top_label"
+    if mode == "binary" and n_classes != 2:
+        raise ConfigError(f"mode='binary' needs two classes, but the probabilities have {n_classes} columns")
+    return mode
+
+
+def _check_bins(n_bins: Any, strategy: Any) -> tuple[int, str]:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ConfigError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    if strategy not in _BIN_STRATEGIES:
+        raise ConfigError(
+            f"strategy must be one of {', '.join(map(repr, _BIN_STRATEGIES))}, got {strategy!r}"
+        )
+    return int(n_bins), str(strategy)
+
+
+@dataclass(frozen=True)
+class CalibrationBins:
+    """A reliability table: predicted probability against observed frequency, bin by bin.
+
+    Attributes
+    ----------
+    lower, upper : numpy.ndarray
+        ``(n_bins,)`` bin limits: the equal-width edges (bin ``b`` holds
+        ``lower < p <= upper``, the first bin also ``p = 0``), or for
+        equal-mass bins the smallest and largest probability in the bin.
+    counts : numpy.ndarray
+        ``(n_bins,)`` int64 samples per bin (an equal-mass bin is empty only
+        when there are fewer samples than bins).
+    confidence : numpy.ndarray
+        ``(n_bins,)`` mean predicted probability in each bin (``nan`` if empty).
+    frequency : numpy.ndarray
+        ``(n_bins,)`` observed frequency of the event in each bin: the
+        accuracy (top-label) or the fraction of class-1 labels (binary)
+        (``nan`` if empty).
+    mode, strategy : str
+        ``"binary"`` or ``"top_label"``; ``"uniform"`` or ``"quantile"``.
+
+    Examples
+    --------
+    >>> bins = calibration_bins([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.4], n_bins=2)
+    >>> bins.counts.tolist(), bins.confidence.tolist(), bins.frequency.tolist()
+    ([2, 2], [0.25, 0.85], [0.0, 1.0])
+    >>> round(bins.ece, 3), round(bins.mce, 3)
+    (0.2, 0.25)
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    counts: np.ndarray
+    confidence: np.ndarray
+    frequency: np.ndarray
+    mode: str
+    strategy: str
+
+    @property
+    def gap(self) -> np.ndarray:
+        """``(n_bins,)`` ``frequency - confidence`` (``nan`` for empty bins); negative = over-confident."""
+        return self.frequency - self.confidence
+
+    @property
+    def ece(self) -> float:
+        """Count-weighted mean ``|gap|`` over the non-empty bins."""
+        full = self.counts > 0
+        if not full.any():
+            return math.nan
+        weights = self.counts[full] / self.counts[full].sum()
+        return float(np.sum(weights * np.abs(self.gap[full])))
+
+    @property
+    def mce(self) -> float:
+        """Largest ``|gap|`` over the non-empty bins."""
+        full = self.counts > 0
+        return float(np.max(np.abs(self.gap[full]))) if full.any() else math.nan
+
+
+def _bin_table(
+    confidence: np.ndarray, event: np.ndarray, n_bins: int, strategy: str, mode: str
+) -> CalibrationBins:
+    n = confidence.shape[0]
+    counts = np.zeros(n_bins, dtype=np.int64)
+    mean_conf = np.full(n_bins, np.nan)
+    freq = np.full(n_bins, np.nan)
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        lower, upper = edges[:-1].copy(), edges[1:].copy()
+        index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+        counts = np.bincount(index, minlength=n_bins).astype(np.int64)
+        full = counts > 0
+        mean_conf[full] = np.bincount(index, weights=confidence, minlength=n_bins)[full] / counts[full]
+        freq[full] = np.bincount(index, weights=event, minlength=n_bins)[full] / counts[full]
+    else:
+        lower = np.full(n_bins, np.nan)
+        upper = np.full(n_bins, np.nan)
+        order = np.argsort(confidence, kind="stable")
+        for b, chunk in enumerate(np.array_split(order, n_bins) if n else []):
+            if chunk.size == 0:
+                continue
+            counts[b] = chunk.size
+            mean_conf[b] = confidence[chunk].mean()
+            freq[b] = event[chunk].mean()
+            lower[b] = confidence[chunk].min()
+            upper[b] = confidence[chunk].max()
+    return CalibrationBins(lower, upper, counts, mean_conf, freq, mode, strategy)
+
+
+def _events(y: np.ndarray, prob: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    if mode == "binary":
+        return prob[:, 1], (y == 1).astype(np.float64)
+    return prob.max(axis=1), (prob.argmax(axis=1) == y).astype(np.float64)
+
+
+def calibration_bins(
+    y_true: Any, y_prob: Any, *, n_bins: int = 15, strategy: str = "uniform", mode: str = "auto"
+) -> CalibrationBins:
+    """The reliability table of predicted probabilities (what a reliability diagram draws).
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels in ``0..C-1``; ``-1`` (unlabelled) is left out.
+    y_prob : array-like
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+    n_bins : int, default 15
+        Number of bins.
+    strategy : {"uniform", "quantile"}, default "uniform"
+        Equal-width bins on ``[0, 1]``, or equal-mass bins (the sorted
+        samples split into ``n_bins`` groups of sizes differing by at most 1;
+        tied probabilities may fall into neighbouring bins).
+    mode : {"auto", "binary", "top_label"}, default "auto"
+        ``"binary"`` bins ``P(class 1)`` against the fraction of class-1
+        labels (two classes only); ``"top_label"`` bins the largest
+        probability against the accuracy of the argmax. ``"auto"``: binary
+        for two classes, else top-label.
+
+    Returns
+    -------
+    CalibrationBins
+
+    Raises
+    ------
+    DataError
+        Probabilities that are not probabilities, labels out of range, no labelled sample.
+    ConfigError
+        Bad ``n_bins``, ``strategy`` or ``mode`` (``"classwise"`` has no single table).
+
+    Examples
+    --------
+    >>> b = calibration_bins([0, 1, 2, 2], [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.1, 0.4],
+    ...                                     [0.1, 0.1, 0.8]], n_bins=2, strategy="quantile")
+    >>> b.counts.tolist(), b.frequency.tolist()
+    ([2, 2], [0.5, 1.0])
+    """
+    n_bins, strategy = _check_bins(n_bins, strategy)
+    y, prob, _ = _labelled_matrix(y_true, y_prob)
+    mode = _resolve_mode(mode, prob.shape[1])
+    if mode == "classwise":
+        raise ConfigError(
+            "calibration_bins: mode='classwise' has one table per class; pick 'binary' "
+            "(two classes) or 'top_label', or bin each class's probability yourself"
+        )
+    confidence, event = _events(y, prob, mode)
+    return _bin_table(confidence, event, n_bins, strategy, mode)
+
+
+def _calibration_errors(
+    y: np.ndarray, prob: np.ndarray, n_bins: int, strategy: str, mode: str
+) -> tuple[float, float]:
+    """(ECE, MCE) of labelled samples; class-wise = mean ECE and largest MCE over the classes."""
+    if mode == "classwise":
+        eces, mces = [], []
+        for k in range(prob.shape[1]):
+            table = _bin_table(prob[:, k], (y == k).astype(np.float64), n_bins, strategy, "binary")
+            eces.append(table.ece)
+            mces.append(table.mce)
+        return float(np.mean(eces)), float(np.max(mces))
+    confidence, event = _events(y, prob, mode)
+    table = _bin_table(confidence, event, n_bins, strategy, mode)
+    return table.ece, table.mce
+
+
+def expected_calibration_error(
+    y_true: Any, y_prob: Any, *, n_bins: int = 15, strategy: str = "uniform", mode: str = "auto"
+) -> float:
+    """Expected calibration error: the count-weighted mean ``|observed - predicted|`` over bins.
+
+    ``ECE = sum_b (n_b / n) |freq_b - conf_b|`` where ``conf_b`` is the mean
+    predicted probability of bin ``b`` and ``freq_b`` the observed frequency
+    of the event (see :func:`calibration_bins`). 0 is perfectly calibrated
+    (at this binning); the value depends on the bins and is biased upwards
+    on few samples, so compare models at the same ``n_bins`` and ``strategy``.
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels in ``0..C-1``; ``-1`` (unlabelled) is left out.
+    y_prob : array-like
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+    n_bins : int, default 15
+        Number of bins.
+    strategy : {"uniform", "quantile"}, default "uniform"
+        Equal-width or equal-mass bins.
+    mode : {"auto", "binary", "top_label", "classwise"}, default "auto"
+        ``"binary"``: ``P(class 1)`` against the class-1 frequency;
+        ``"top_label"``: the largest probability against the accuracy;
+        ``"classwise"``: the mean over classes ``k`` of the ECE of
+        ``P(class k)`` against ``1[y = k]``. ``"auto"``: binary for two
+        classes, else top-label.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``.
+
+    Raises
+    ------
+    DataError, ConfigError
+        As :func:`calibration_bins`.
+
+    Examples
+    --------
+    Two bins: ``(0.1, 0.4)`` with no positive and ``(0.9, 0.8)`` with two:
+    ``0.5 * |0 - 0.25| + 0.5 * |1 - 0.85| = 0.2``.
+
+    >>> round(expected_calibration_error([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.4], n_bins=2), 6)
+    0.2
+    """
+    n_bins, strategy = _check_bins(n_bins, strategy)
+    y, prob, _ = _labelled_matrix(y_true, y_prob)
+    return _calibration_errors(y, prob, n_bins, strategy, _resolve_mode(mode, prob.shape[1]))[0]
+
+
+def maximum_calibration_error(
+    y_true: Any, y_prob: Any, *, n_bins: int = 15, strategy: str = "uniform", mode: str = "auto"
+) -> float:
+    """Maximum calibration error: the largest ``|observed - predicted|`` over the non-empty bins.
+
+    Arguments as :func:`expected_calibration_error`; with ``mode="classwise"``
+    the largest over all classes' bins. Sensitive to sparsely filled bins.
+
+    Examples
+    --------
+    >>> maximum_calibration_error([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.4], n_bins=2)
+    0.25
+    """
+    n_bins, strategy = _check_bins(n_bins, strategy)
+    y, prob, _ = _labelled_matrix(y_true, y_prob)
+    return _calibration_errors(y, prob, n_bins, strategy, _resolve_mode(mode, prob.shape[1]))[1]
+
+
+def _brier(y: np.ndarray, prob: np.ndarray) -> float:
+    if prob.shape[1] == 2:
+        return float(np.mean((prob[:, 1] - (y == 1)) ** 2))
+    onehot = np.eye(prob.shape[1])[y]
+    return float(np.mean(np.sum((prob - onehot) ** 2, axis=1)))
+
+
+def brier_score(y_true: Any, y_prob: Any) -> float:
+    """Brier score: the mean squared error of the predicted probabilities (lower is better).
+
+    Two classes: ``mean((P(class 1) - y)^2)`` in ``[0, 1]`` (scikit-learn's
+    ``brier_score_loss``); ``C > 2`` classes: ``mean(sum_k (p_k - 1[y = k])^2)``
+    in ``[0, 2]``, the multi-class definition (which for two classes would be
+    twice the binary value).
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels; ``-1`` (unlabelled) is left out.
+    y_prob : array-like
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> brier_score([0, 1], [0.3, 0.8])  # (0.3^2 + 0.2^2) / 2
+    0.065
+    >>> round(brier_score([0, 2], [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]), 6)  # (0.38 + 0.24) / 2
+    0.31
+    """
+    y, prob, _ = _labelled_matrix(y_true, y_prob)
+    return _brier(y, prob)
+
+
+def _nll(y: np.ndarray, prob: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(prob[np.arange(y.shape[0]), y], _NLL_EPS, 1.0))))
+
+
+def negative_log_likelihood(y_true: Any, y_prob: Any) -> float:
+    """Mean negative log-likelihood ``-mean(log p_y)`` of the true classes (log loss, natural log).
+
+    Probabilities are clipped below at ``1e-12`` so a confident mistake costs
+    about 27.6 instead of infinity.
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels; ``-1`` (unlabelled) is left out.
+    y_prob : array-like
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> round(negative_log_likelihood([0, 1], [0.2, 0.9]), 6)  # -(log 0.8 + log 0.9) / 2
+    0.164252
+    """
+    y, prob, _ = _labelled_matrix(y_true, y_prob)
+    return _nll(y, prob)
+
+
+def _calibration_scalars(
+    y: np.ndarray, prob: np.ndarray, n_bins: int, strategy: str, mode: str
+) -> dict[str, float]:
+    ece, mce = _calibration_errors(y, prob, n_bins, strategy, mode)
+    classwise = _calibration_errors(y, prob, n_bins, strategy, "classwise")[0]
+    return {
+        "ece": ece,
+        "mce": mce,
+        "classwise_ece": classwise,
+        "brier": _brier(y, prob),
+        "nll": _nll(y, prob),
+    }
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Calibration metrics of predicted probabilities.
+
+    Attributes
+    ----------
+    ece, mce : float
+        Expected and maximum calibration error in ``mode`` (binary for two
+        classes, else top-label, by default).
+    classwise_ece : float
+        Mean over classes of the ECE of each class's probability.
+    brier, nll : float
+        Brier score and mean negative log-likelihood.
+    n_bins, strategy, mode : int, str, str
+        The binning used.
+    n_samples, n_unlabelled : int
+        Labelled samples scored and unlabelled samples left out.
+    ci : dict of str to (float, float)
+        Bootstrap percentile confidence intervals, empty without bootstrap.
+
+    Examples
+    --------
+    >>> r = calibration_report([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.4], n_bins=2)
+    >>> round(r.ece, 3), r.as_dict()["n_samples"]
+    (0.2, 4.0)
+    """
+
+    ece: float
+    mce: float
+    classwise_ece: float
+    brier: float
+    nll: float
+    n_bins: int
+    strategy: str
+    mode: str
+    n_samples: int
+    n_unlabelled: int
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``name -> float``: the five metrics, ``n_samples``, ``n_unlabelled`` and CI bounds.
+
+        Examples
+        --------
+        >>> sorted(calibration_report([0, 1], [0.3, 0.8]).as_dict())[:3]
+        ['brier', 'classwise_ece', 'ece']
+        """
+        out = {name: float(getattr(self, name)) for name in _CALIBRATION_SCALARS}
+        out.update(n_samples=float(self.n_samples), n_unlabelled=float(self.n_unlabelled))
+        out.update(_ci_dict(self.ci))
+        return out
+
+
+def calibration_report(
+    y_true: Any,
+    y_prob: Any,
+    *,
+    n_bins: int = 15,
+    strategy: str = "uniform",
+    mode: str = "auto",
+    n_bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int | None = 0,
+) -> CalibrationReport:
+    """ECE, MCE, class-wise ECE, Brier score and NLL, with bootstrap confidence intervals.
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels in ``0..C-1``; ``-1`` (unlabelled) is left out.
+    y_prob : array-like
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+    n_bins, strategy, mode
+        Binning, as :func:`expected_calibration_error` (``mode`` sets
+        ``ece``/``mce``; ``classwise_ece`` is always reported).
+    n_bootstrap : int, default 0
+        Bootstrap resamples (over the labelled samples) for percentile
+        intervals; 0 disables them.
+    ci : float, default 0.95
+        Coverage of the intervals.
+    seed : int or None, default 0
+        Seed of the resampling generator.
+
+    Returns
+    -------
+    CalibrationReport
+
+    Raises
+    ------
+    DataError, ConfigError
+        As :func:`calibration_bins`, and for bad bootstrap settings.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> p = rng.uniform(size=200)
+    >>> y = (rng.uniform(size=200) < p).astype(int)  # calibrated by construction
+    >>> r = calibration_report(y, p, n_bins=10, n_bootstrap=100)
+    >>> r.ece < 0.1, r.ci["ece"][0] <= r.ece <= r.ci["ece"][1]
+    (True, True)
+    """
+    n_bins, strategy = _check_bins(n_bins, strategy)
+    _check_bootstrap(n_bootstrap, ci)
+    y, prob, n_unlabelled = _labelled_matrix(y_true, y_prob)
+    mode = _resolve_mode(mode, prob.shape[1])
+    values = _calibration_scalars(y, prob, n_bins, strategy, mode)
+    intervals: dict[str, tuple[float, float]] = {}
+    if n_bootstrap:
+        intervals = _bootstrap(
+            lambda yy, pp: _calibration_scalars(yy, pp, n_bins, strategy, mode),
+            y,
+            prob,
+            int(n_bootstrap),
+            float(ci),
+            seed,
+        )
+    return CalibrationReport(
+        **values,
+        n_bins=n_bins,
+        strategy=strategy,
+        mode=mode,
+        n_samples=int(y.shape[0]),
+        n_unlabelled=n_unlabelled,
+        ci=intervals,
+    )
+
+
+# --------------------------------------------------------------------------- selective prediction
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """A risk-coverage curve: the error rate among the patients answered, as fewer are answered.
+
+    Attributes
+    ----------
+    coverage : numpy.ndarray
+        ``(m,)`` fraction of patients kept (answered), decreasing from 1.
+    risk : numpy.ndarray
+        ``(m,)`` mean loss (error rate by default) of the kept patients.
+    threshold : numpy.ndarray
+        ``(m,)`` confidence at or above which a patient is kept at that point.
+    aurc : float
+        Area under the curve: the mean of ``risk`` over coverages ``k / n``.
+
+    Examples
+    --------
+    >>> rc = risk_coverage_curve([1, 0, 1, 0], [0.9, 0.8, 0.6, 0.7])
+    >>> rc.coverage.tolist(), rc.risk.tolist()
+    ([1.0, 0.75, 0.5, 0.25], [0.5, 0.666..., 0.5, 0.0])
+    """
+
+    coverage: np.ndarray
+    risk: np.ndarray
+    threshold: np.ndarray
+    aurc: float
+
+
+def risk_coverage_curve(correct: Any, confidence: Any) -> RiskCoverage:
+    """Risk-coverage curve of selective prediction: keep the most confident patients, refer the rest.
+
+    The patients are sorted by decreasing ``confidence``; keeping the top
+    ``k`` gives coverage ``k / n`` and risk = their error rate. Ties in
+    confidence are kept or referred together (one point per distinct
+    confidence). The area under it (AURC; lower is better) is the mean
+    risk over ``k = 1..n``, ties taking the risk of their group.
+
+    Parameters
+    ----------
+    correct : array-like
+        ``(n,)`` bool or 0/1: whether each prediction is right (e.g.
+        ``probabilities.argmax(1) == labels``); or a float loss in
+        ``[0, 1]`` per patient (the risk is then the mean loss).
+    confidence : array-like
+        ``(n,)`` confidence (higher = more certain), e.g. the largest
+        probability, or minus an uncertainty score.
+
+    Returns
+    -------
+    RiskCoverage
+
+    Raises
+    ------
+    DataError
+        Shapes that differ, non-finite values, or no patient.
+
+    Examples
+    --------
+    >>> rc = risk_coverage_curve([1, 1, 0, 1], [0.9, 0.8, 0.6, 0.7])
+    >>> rc.risk.tolist(), round(rc.aurc, 4)  # the error is the least confident
+    ([0.25, 0.0, 0.0, 0.0], 0.0625)
+    """
+    ok = np.asarray(correct, dtype=np.float64)
+    conf = np.asarray(confidence, dtype=np.float64)
+    if ok.ndim != 1 or conf.shape != ok.shape or ok.size == 0:
+        raise DataError(
+            f"correct and confidence must be non-empty (n,) arrays of one length, got shapes "
+            f"{ok.shape} and {conf.shape}"
+        )
+    if not (np.all(np.isfinite(ok)) and np.all(np.isfinite(conf))):
+        raise DataError("correct and confidence must be finite")
+    if ok.min() < 0.0 or ok.max() > 1.0:
+        raise DataError("correct must hold 0/1 (or a loss in [0, 1]) per patient")
+    loss = 1.0 - ok
+    order = np.argsort(-conf, kind="stable")
+    loss, conf = loss[order], conf[order]
+    n = loss.shape[0]
+    risk_at_k = np.cumsum(loss) / np.arange(1, n + 1)
+    # The last position of each group of tied confidences: a group is kept or referred as a whole.
+    last = np.r_[np.nonzero(np.diff(conf))[0], n - 1]
+    group_risk = risk_at_k[last]
+    sizes = np.diff(np.r_[-1, last])
+    aurc_value = float(np.sum(group_risk * sizes) / n)
+    return RiskCoverage(
+        coverage=((last + 1) / n)[::-1].copy(),
+        risk=group_risk[::-1].copy(),
+        threshold=conf[last][::-1].copy(),
+        aurc=aurc_value,
+    )
+
+
+def aurc(correct: Any, confidence: Any) -> float:
+    """Area under the risk-coverage curve (lower is better); see :func:`risk_coverage_curve`.
+
+    Examples
+    --------
+    >>> aurc([1, 0, 1, 1], [0.9, 0.8, 0.6, 0.7])  # mean of 0, 1/2, 1/3, 1/4
+    0.2708...
+    """
+    return risk_coverage_curve(correct, confidence).aurc
 
 
 # --------------------------------------------------------------------------- folds

@@ -40,6 +40,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -73,6 +74,7 @@ __all__ = [
     "RunPredictions",
     "SavedRun",
     "backbone_data_config",
+    "cached_features",
     "data_fingerprint",
     "describe_data",
     "fit_clinical_scaler",
@@ -569,6 +571,137 @@ def fold_datasets(
     return train_ds, val_ds, scaler
 
 
+# --------------------------------------------------------------------------- cached features
+
+
+def _sample_ids_and_names(samples: Samples) -> tuple[list[str], list[list[str]]]:
+    """Each sample's ID and the names its instances have in a feature cache (see ``cache_key``)."""
+    if isinstance(samples, BagCohort):
+        return list(samples.ids), [[p.name for p in r.paths] for r in samples]
+    return [c.id for c in samples], [[f"{c.patient}/{c.path.name}"] for c in samples]
+
+
+def cached_features(samples: BagCohort | CellSet, cache: Any) -> list[Tensor]:
+    """The cached ``(N_i, D)`` features of each sample of ``samples``, in their order.
+
+    ``cache`` is a :class:`~milcell.train.features.FeatureCache` (or its
+    folder) written by :func:`~milcell.train.features.extract_features` /
+    ``milcell extract-features`` over these samples, or over a superset of
+    them (e.g. ``--split all``). Each sample's cached instances must be its
+    own files (by name; a cache made with an instance cap holds a subset).
+
+    Parameters
+    ----------
+    samples : BagCohort or CellSet
+        The samples (bags of a cohort, or single cells).
+    cache : FeatureCache or path-like
+        The feature cache.
+
+    Returns
+    -------
+    list of Tensor
+        One float32 ``(N_i, D)`` matrix per sample.
+
+    Raises
+    ------
+    DataError
+        Samples the cache has no features for, or whose cached instances are
+        not their files (the cache was made from other data); the message names them.
+    CacheError
+        The cache folder cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from milcell.data.formats.dlmi import load_dlmi
+    >>> from milcell.data.synthetic import make_cohort
+    >>> from milcell.nn.backbones import create_backbone
+    >>> from milcell.train.features import extract_features
+    >>> cohort = load_dlmi(make_cohort(tempfile.mkdtemp(), n_patients=4, seed=0, image_size=16,
+    ...                                bag_size=(2, 3)), "train")
+    >>> backbone = create_backbone("milcell_mini_resnet_k8", trainable="head")
+    >>> prep = Preprocessing.from_backbone("milcell_mini_resnet_k8", image_size=16)
+    >>> folder = tempfile.mkdtemp()
+    >>> dataset = BagDataset(cohort, prep.transform(train=False))
+    >>> _ = extract_features(backbone, dataset, folder, progress=False)
+    >>> bags = cached_features(cohort.subset([2, 0]), folder)
+    >>> len(bags), bags[0].shape[1] == backbone.num_features
+    (2, True)
+    """
+    from milcell.train.features import FeatureCache, read_feature_cache
+
+    _check_samples(samples)
+    if not isinstance(cache, FeatureCache):
+        cache = read_feature_cache(cache)
+    position = {bag_id: i for i, bag_id in enumerate(cache.dataset.ids)}
+    cached_names = cache.instance_names()
+    ids, names = _sample_ids_and_names(samples)
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise DataError(
+            f"feature cache {cache.path} has no features for {len(missing)} of the {len(ids)} samples "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); extract features of these "
+            "samples (milcell extract-features --split all)"
+        )
+    foreign = [i for i, own in zip(ids, names, strict=True) if not set(cached_names[i]) <= set(own)]
+    if foreign:
+        first = foreign[0]
+        raise DataError(
+            f"feature cache {cache.path} was made from other data: the cached instances of {first} "
+            f"({cached_names[first][:3]}...) are not its files ({names[ids.index(first)][:3]}...); "
+            f"{len(foreign)} sample(s) differ"
+        )
+    return [cache.dataset.features[position[i]] for i in ids]
+
+
+def _feature_dataset(
+    samples: Samples,
+    features: Sequence[Tensor],
+    indices: Iterable[int] | np.ndarray | None,
+    *,
+    scaler: ClinicalScaler | None,
+    max_instances: int | None,
+    train: bool,
+    seed: int,
+) -> Dataset[Bag]:
+    """Feature bags of ``samples[indices]``, with their labels, IDs and (scaled) clinical attributes."""
+    from milcell.data.datasets import FeatureBagDataset
+
+    rows = np.arange(len(samples)) if indices is None else np.asarray(list(indices), dtype=np.int64)
+    subset = samples.subset(rows)
+    ids, _ = _sample_ids_and_names(subset)
+    clinical = None
+    names: Sequence[str] = ()
+    if isinstance(subset, BagCohort) and subset.clinical_names:
+        names = subset.clinical_names
+        matrix = subset.clinical_matrix()
+        clinical = scaler.transform(matrix) if scaler is not None else matrix
+    return FeatureBagDataset(
+        [features[int(i)] for i in rows],
+        subset.labels,
+        ids,
+        clinical,
+        clinical_names=names,
+        max_instances=max_instances,
+        train=train,
+        seed=seed,
+    )
+
+
+#: ``train_run`` options that describe the image model or its input: they do not apply to a run on
+#: cached features (the cache fixes the backbone and the preprocessing).
+_IMAGE_OPTIONS = (
+    "backbone",
+    "pretrained",
+    "checkpoint_path",
+    "trainable",
+    "chunk_size",
+    "image_size",
+    "augment",
+    "cache_images",
+)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -721,6 +854,9 @@ class RunPredictions:
     class_names : list of str
     method : str
         ``"soft"`` (mean probability) or ``"hard"`` (majority vote).
+    calibrated : ndarray or None
+        ``(n, C)`` the fold models' mean probability after the run's
+        calibrator (a run trained with ``calibrate``), else None.
     """
 
     ids: list[str]
@@ -729,6 +865,7 @@ class RunPredictions:
     fold_probabilities: list[np.ndarray]
     class_names: list[str]
     method: str = "soft"
+    calibrated: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -738,13 +875,15 @@ class RunPredictions:
     def rows(self) -> list[dict[str, Any]]:
         """One dict per sample: ``id``, ``predicted`` (class name), ``prob_<class>`` (6 decimals).
 
+        With :attr:`calibrated`, also ``calprob_<class>``.
+
         Examples
         --------
         >>> p = RunPredictions(["a"], np.array([[0.25, 0.75]]), np.array([-1]), [], ["neg", "pos"])
         >>> p.rows()
         [{'id': 'a', 'predicted': 'pos', 'prob_neg': '0.250000', 'prob_pos': '0.750000'}]
         """
-        return [
+        rows = [
             {
                 "id": sample_id,
                 "predicted": self.class_names[int(k)],
@@ -752,6 +891,10 @@ class RunPredictions:
             }
             for sample_id, k, row in zip(self.ids, self.predicted, self.probabilities, strict=True)
         ]
+        if self.calibrated is not None:
+            for row, cal in zip(rows, self.calibrated, strict=True):
+                row.update({f"calprob_{c}": f"{v:.6f}" for c, v in zip(self.class_names, cal, strict=True)})
+        return rows
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`rows` as CSV (atomically); return the path."""
@@ -775,9 +918,14 @@ class RunEvaluation:
     num_classes: int
     trained_on: list[str] = field(default_factory=list)
     """IDs of evaluated samples the fold models were trained on (their metrics are optimistic)."""
+    calibration: dict[str, float] = field(default_factory=dict)
+    """For a calibrated run: ECE/Brier/NLL of the mean probability before and after calibration and the
+    referral rule's result (:meth:`milcell.calibration.RunCalibration.report`); else empty."""
+    refer_metric: str = "sensitivity"
 
     def table(self) -> str:
-        """The vote's row and the fold models' ``mean ± std`` row."""
+        """The vote's row and the fold models' ``mean ± std`` row (then calibration and referral)."""
+        from milcell.calibration import format_calibration
         from milcell.metrics import summarize_folds
 
         rows = {
@@ -786,7 +934,10 @@ class RunEvaluation:
             },
             "fold models (mean ± std)": summarize_folds(self.fold_models),
         }
-        return format_table(rows, table_metrics(self.num_classes))
+        text = format_table(rows, table_metrics(self.num_classes))
+        if self.calibration:
+            text += "\n\n" + format_calibration(self.calibration, self.refer_metric)
+        return text
 
 
 @dataclass
@@ -848,6 +999,44 @@ class SavedRun:
         """The training data's counts: labelled, unlabelled skipped, imputed (see :func:`describe_data`)."""
         return dict(self.record.get("data") or {})
 
+    @property
+    def features(self) -> dict[str, Any] | None:
+        """For a run trained on cached features: the features' backbone, weights hash, preprocessing, ``dim``.
+
+        None for a run trained on images.
+        """
+        value = self.record.get("features")
+        return dict(value) if isinstance(value, Mapping) else None
+
+    def _check_features(self, features: Any | None) -> Any | None:
+        """The :class:`~milcell.train.features.FeatureCache` to predict from (None for an image run)."""
+        from milcell.train.features import FeatureCache, read_feature_cache
+
+        expected = self.features
+        where = f"run '{self.path}'" if self.path is not None else "this run"
+        if expected is None:
+            if features is not None:
+                raise ConfigError(
+                    f"{where} was trained on images, not on cached features: leave out features"
+                )
+            return None
+        if features is None:
+            raise ConfigError(
+                f"{where} was trained on cached features of {expected.get('backbone')}: pass features= (the "
+                "command line: --features DIR), a cache of these samples made by extract-features with the "
+                "same backbone weights and preprocessing"
+            )
+        cache = features if isinstance(features, FeatureCache) else read_feature_cache(features)
+        identity = {k: v for k, v in expected.items() if k != "dim"}
+        if cache.identity != identity:
+            differ = sorted(k for k in identity if cache.identity.get(k) != identity.get(k))
+            raise ConfigError(
+                f"feature cache {cache.path} was made differently from the features {where} was trained on "
+                f"(they differ in {', '.join(differ)}); extract the features with the run's backbone "
+                "weights and preprocessing"
+            )
+        return cache
+
     def training_overlap(self, samples: BagCohort | CellSet) -> list[str]:
         """The IDs of ``samples`` that the fold models were trained on (empty when unknown).
 
@@ -862,27 +1051,58 @@ class SavedRun:
         return [i for i in ids if i in trained]
 
     @property
+    def calibration(self) -> Any | None:
+        """The run's :class:`~milcell.calibration.RunCalibration` (trained with ``calibrate``), else None."""
+        from milcell.calibration import RunCalibration
+
+        value = self.record.get("calibration")
+        return None if value is None else RunCalibration.from_dict(value)
+
+    @property
     def summary(self) -> dict[str, tuple[float, float]]:
         """Cross-validated ``metric -> (mean, std)`` over the folds."""
         return {k: (float(v[0]), float(v[1])) for k, v in (self.record.get("summary") or {}).items()}
 
     def table(self, name: str | None = None) -> str:
-        """The cross-validation table (one row named ``name``, default the pooling)."""
-        row = name or str((self.record.get("config") or {}).get("pooling", "model"))
-        return format_table({row: self.summary}, table_metrics(len(self.class_names)))
+        """The cross-validation table (one row named ``name``, default the pooling).
+
+        A run whose epochs were chosen on the reported folds (``selection="outer"``) ends with a
+        line saying its numbers are optimistic.
+        """
+        config = self.record.get("config") or {}
+        row = name or str(config.get("pooling", "model"))
+        text = format_table({row: self.summary}, table_metrics(len(self.class_names)))
+        if config.get("selection") == "outer":
+            text += "\n(optimistic: each fold's epoch was chosen on the fold it reports, selection='outer')"
+        return text
 
     def dataset(
-        self, samples: BagCohort | CellSet, model_index: int = 0, *, cache_images: bool | ImageCache = False
+        self,
+        samples: BagCohort | CellSet,
+        model_index: int = 0,
+        *,
+        cache_images: bool | ImageCache = False,
+        features: Any | None = None,
     ) -> Dataset[Bag]:
         """``samples`` as fold model ``model_index`` sees them: evaluation transform, its clinical scaling.
+
+        For a run trained on cached features (:attr:`features`), ``features``
+        is a cache of the samples made the same way (a
+        :class:`~milcell.train.features.FeatureCache` or its folder), and the
+        dataset holds feature bags.
 
         Raises
         ------
         DataError
-            Samples whose clinical attributes differ from the run's.
+            Samples whose clinical attributes differ from the run's, or
+            samples the feature cache does not hold.
+        ConfigError
+            ``features`` missing for a feature run, given for an image run, or
+            made with another backbone or preprocessing.
         """
         _check_samples(samples)
         check_int(model_index, "model_index", low=0, high=len(self.models) - 1)
+        cache = self._check_features(features)
         scaler = self.scalers[model_index]
         if (
             isinstance(samples, BagCohort)
@@ -892,6 +1112,11 @@ class SavedRun:
             raise DataError(
                 f"the samples' clinical attributes {list(samples.clinical_names)} are not the run's "
                 f"{list(scaler.names)}"
+            )
+        if cache is not None:
+            bags = cached_features(samples, cache)
+            return _feature_dataset(
+                samples, bags, None, scaler=scaler, max_instances=self.max_instances, train=False, seed=0
             )
         return _dataset(
             samples,
@@ -918,6 +1143,7 @@ class SavedRun:
         progress: bool = False,
         cache_images: bool = True,
         held_out: bool = False,
+        features: Any | None = None,
     ) -> RunPredictions:
         """Predict with every fold model and vote.
 
@@ -945,6 +1171,10 @@ class SavedRun:
         held_out : bool, default False
             The samples are a held-out (test) set: any ID that the fold models
             were trained on is an error (IDs are unique across the splits).
+        features : FeatureCache or path-like, optional
+            Required for a run trained on cached features (:attr:`features`):
+            a cache of ``data`` (samples) made with the same backbone weights
+            and preprocessing (:meth:`dataset`).
 
         Returns
         -------
@@ -981,13 +1211,19 @@ class SavedRun:
                 "this run scales the clinical attributes per fold model: pass the samples (a BagCohort), "
                 "not a dataset or loader, so each model gets its own scaling"
             )
+        feature_cache = self._check_features(features) if samples or features is not None else None
         cache = ImageCache() if samples and cache_images and len(self.models) > 1 else None
         ids: list[str] | None = None
         labels: np.ndarray | None = None
         per_model: list[np.ndarray] = []
         for i, model in enumerate(self.models):
             if samples:
-                ds = self.dataset(data, i, cache_images=cache if cache is not None else False)  # type: ignore[arg-type]
+                ds = self.dataset(
+                    data,  # type: ignore[arg-type]
+                    i,
+                    cache_images=cache if cache is not None else False,
+                    features=feature_cache,
+                )
                 loader: Iterable[Any] = make_loader(
                     ds, batch_size, shuffle=False, distributed=False, num_workers=num_workers
                 )
@@ -1015,10 +1251,20 @@ class SavedRun:
             per_model.append(preds.probabilities.numpy())
         assert ids is not None and labels is not None
         scores = vote([torch.from_numpy(p) for p in per_model], method=method).numpy()
-        return RunPredictions(ids, scores, labels, per_model, self.class_names, method)
+        calibration = self.calibration
+        calibrated = None
+        if calibration is not None:  # calibrated after averaging (milcell.calibration)
+            mean = np.mean(np.stack(per_model).astype(np.float64), axis=0)
+            calibrated = calibration.calibrator.transform_probabilities(mean).astype(np.float32)
+        return RunPredictions(ids, scores, labels, per_model, self.class_names, method, calibrated)
 
     def evaluate(
-        self, data: BagCohort | CellSet | Dataset[Bag] | Iterable[Any], **kwargs: Any
+        self,
+        data: BagCohort | CellSet | Dataset[Bag] | Iterable[Any],
+        *,
+        refer_target: float = 0.95,
+        refer_metric: str = "sensitivity",
+        **kwargs: Any,
     ) -> RunEvaluation:
         """Metrics of the vote and of each fold model on labelled data.
 
@@ -1032,6 +1278,11 @@ class SavedRun:
         ----------
         data
             As for :meth:`predict`.
+        refer_target, refer_metric
+            For a calibrated run (:attr:`calibration`): the referral rule,
+            chosen on the run's held-out patients, whose result on ``data``
+            is reported with the ECE/Brier/NLL before and after calibration
+            (``RunEvaluation.calibration``).
         **kwargs
             Passed to :meth:`predict` (``method``, ``device``, ...).
 
@@ -1069,12 +1320,19 @@ class SavedRun:
                 return binary_report(preds.labels, prob[:, 1]).as_dict()
             return multiclass_report(preds.labels, prob, class_names=names).as_dict()
 
+        calibration = self.calibration
+        trust: dict[str, float] = {}
+        if calibration is not None:
+            mean = np.mean(np.stack(preds.fold_probabilities).astype(np.float64), axis=0)
+            trust = calibration.report(mean, preds.labels, target=refer_target, metric=refer_metric)
         return RunEvaluation(
             report(preds.probabilities),
             [report(p) for p in preds.fold_probabilities],
             preds.method,
             len(names),
             overlap,
+            trust,
+            refer_metric,
         )
 
 
@@ -1094,6 +1352,8 @@ RUN_OUTPUTS = (
     "submission.csv",
     "submission_probabilities.csv",
     "predictions.csv",
+    "submission_calibrated.csv",
+    "predictions_calibrated.csv",
 )
 
 
@@ -1219,6 +1479,15 @@ def _clear_run(out: Path) -> None:
             target.unlink()
 
 
+def _split_description(split: Any) -> str | None:
+    """What ``run.json`` records of a custom split: a file's path, or the kind of object."""
+    if split is None:
+        return None
+    if isinstance(split, (str, os.PathLike)):
+        return str(split)
+    return repr(split) if hasattr(split, "split") else type(split).__name__
+
+
 def train_run(
     samples: BagCohort | CellSet,
     output_dir: str | os.PathLike[str] | None = None,
@@ -1253,6 +1522,16 @@ def train_run(
     overwrite: bool = False,
     resume: bool = False,
     before_training: Callable[[Path], None] | None = None,
+    features: Any | None = None,
+    calibrate: str | None = None,
+    split: Any = None,
+    selection: str = "inner",
+    inner_fraction: float = 0.2,
+    one_logit: bool = False,
+    pos_weight: float | None = None,
+    loggers: Sequence[Any] = (),
+    tracking_uri: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> SavedRun:
     """Cross-validate (patient level) one model on ``samples``; save the run to ``output_dir``.
 
@@ -1313,6 +1592,59 @@ def train_run(
         ``folder -> None``, called once the run is validated and its folder
         created and locked, before training (the command line writes its
         ``config.yaml`` there).
+    features : FeatureCache or path-like, optional
+        Train the pooling and head on the features of a frozen backbone,
+        cached by :func:`~milcell.train.features.extract_features` (``milcell
+        extract-features``) over these samples (:func:`cached_features`),
+        instead of on the images: each fold then costs no backbone pass. The
+        image options (``backbone``, ``pretrained``, ``checkpoint_path``,
+        ``trainable``, ``chunk_size``, ``image_size``, ``augment``,
+        ``cache_images``) do not apply and must keep their defaults (the
+        cache fixed them); ``max_instances`` and the clinical scaling apply
+        as for images. The run records the cache's backbone, weights hash
+        and preprocessing; predicting with it needs features of the same
+        kind (``SavedRun.predict(..., features=...)``).
+    calibrate : {None, "temperature", "vector", "platt"}, default None
+        Fit a calibrator on the out-of-fold predictions (one row per patient,
+        the first repetition) and store it in ``run.json`` under
+        ``calibration`` (:class:`~milcell.calibration.RunCalibration`):
+        :meth:`SavedRun.predict` then adds calibrated probabilities, and the
+        held-out patients serve as the calibration set of prediction sets and
+        the referral rule. The before/after metrics it records are
+        cross-fitted over the folds (honest).
+    split : splitter, mapping, sequence or path-like, optional
+        A custom split instead of ``folds`` / ``repeats``: a scikit-learn
+        splitter, a ``patient -> fold`` mapping, one fold per sample, or a
+        CSV file with the columns ``patient_id`` and ``fold`` (``milcell
+        train --folds-file``); see :func:`~milcell.data.splits.make_folds`.
+        Patients are the samples' IDs (a cohort) or their cells' patients.
+    selection, inner_fraction
+        Model selection (:func:`~milcell.train.crossval.cross_validate`):
+        ``"inner"`` (default, honest) chooses each fold's epoch on a share
+        ``inner_fraction`` of its training patients; ``"outer"`` on the
+        reported fold (optimistic; the run's table says so).
+    one_logit : bool, default False
+        Binary problems: a one-logit head (see
+        :func:`~milcell.nn.model.create_mil_model`).
+    pos_weight : float, optional
+        Binary problems: weight of the positive class in the loss
+        (:class:`~milcell.train.trainer.Trainer`).
+    loggers : sequence of str or RunLogger, optional
+        Experiment tracking (:mod:`milcell.train.loggers`): names
+        (``"csv"``, ``"tensorboard"``, ``"mlflow"``, also comma-separated;
+        they need ``output_dir`` and write in it: ``tensorboard/``,
+        ``mlruns/``) or logger objects. Each is one run holding the run's
+        settings, with a child run per fold (epochs, reported metrics), the
+        cross-validated summary and, at the end, the saved run's files
+        (``run.json``, configuration, tables, figures, fold models) as
+        artifacts. ``"csv"`` is what every run writes anyway
+        (``cv/fold_*/metrics.csv``).
+    tracking_uri : str, optional
+        MLflow tracking URI (a server, ``sqlite:///...``); default the local
+        file store ``output_dir/mlruns``.
+    callbacks : sequence, optional
+        Extra trainer callbacks of every fold (e.g. a tuning trial's
+        pruning reporter, :mod:`milcell.tune`).
 
     Returns
     -------
@@ -1330,17 +1662,67 @@ def train_run(
     """
     import milcell
     from milcell._locks import folder_lock
-    from milcell.data.splits import patient_kfold
+    from milcell.data.splits import make_folds
     from milcell.nn.model import create_mil_model
-    from milcell.train.crossval import cross_validate, fold_settings
+    from milcell.train.crossval import SELECTIONS, cross_validate, fold_settings
+    from milcell.train.features import FeatureCache, read_feature_cache
+    from milcell.train.loggers import RunLogger, make_loggers, parse_logger_names
 
     _check_samples(samples)
+    logger_names = parse_logger_names([x for x in loggers if not isinstance(x, RunLogger)])
+    if logger_names and output_dir is None:
+        raise ConfigError(f"loggers {logger_names} write in the run folder: give output_dir")
+    if calibrate is not None:
+        from milcell.calibration import CALIBRATION_METHODS
+
+        check_choice(calibrate, "calibrate", CALIBRATION_METHODS)
+    feature_cache: FeatureCache | None = None
+    if features is not None:
+        feature_cache = features if isinstance(features, FeatureCache) else read_feature_cache(features)
+        defaults = {
+            name: param.default
+            for name, param in inspect.signature(train_run).parameters.items()
+            if name in _IMAGE_OPTIONS
+        }
+        # What the cache fixed may be repeated (the same backbone, the same image size), not changed.
+        agreed = {
+            "backbone": feature_cache.backbone,
+            "image_size": (feature_cache.key.get("extra") or {}).get("image_size"),
+        }
+        given = {
+            "backbone": backbone,
+            "pretrained": pretrained,
+            "checkpoint_path": checkpoint_path,
+            "trainable": trainable,
+            "chunk_size": chunk_size,
+            "image_size": image_size,
+            "augment": augment,
+            "cache_images": cache_images,
+        }
+        changed = [
+            f"{k}={v!r}" for k, v in given.items() if v != defaults[k] and (k not in agreed or v != agreed[k])
+        ]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)} do(es) not apply to a run on cached features (features={features!s}): "
+                f"the cache fixed the backbone ({feature_cache.backbone}) and the preprocessing; leave "
+                "these options out"
+            )
+        augment, cache_images = False, False
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ConfigError(f"output folder '{output_dir}' is a file, not a folder")
     start = time.perf_counter()
     folds = check_int(folds, "folds", low=2)
     repeats = check_int(repeats, "repeats", low=1)
     seed = check_int(seed, "seed", low=0)
+    selection = check_choice(selection, "selection", SELECTIONS)
+    inner_fraction = check_real(
+        inner_fraction, "inner_fraction", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    if pos_weight is not None:
+        pos_weight = check_real(pos_weight, "pos_weight", low=0.0, low_open=True)
+    if not isinstance(one_logit, bool):
+        raise ConfigError(f"one_logit must be a bool, got {one_logit!r}")
     epochs = check_int(epochs, "epochs", low=1)
     augment = check_augment(augment)
     batch_size = check_int(batch_size, "batch_size", low=1)
@@ -1366,6 +1748,7 @@ def train_run(
         checkpoint_path = str(weights)
     samples, data_counts = _data_summary(samples)
     logger.info("train_run: %s", describe_data(data_counts))
+    bag_features = None if feature_cache is None else cached_features(samples, feature_cache)
     class_names = list(samples.class_names)
     clinical_names = list(getattr(samples, "clinical_names", ()))
     model_args = model_arguments(
@@ -1381,12 +1764,26 @@ def train_run(
     )
     if checkpoint_path is not None:
         model_args["backbone_kwargs"] = {"checkpoint_path": checkpoint_path}
-    backbone_config = backbone_data_config(backbone)
-    prep = Preprocessing.from_backbone(backbone, image_size)
+    if one_logit:
+        model_args["one_logit"] = True
+    if feature_cache is None:
+        backbone_config = backbone_data_config(backbone)
+        prep = Preprocessing.from_backbone(backbone, image_size)
+    else:  # the features' backbone and preprocessing, as the cache recorded them
+        backbone = feature_cache.backbone
+        model_args.update(backbone=None, in_dim=feature_cache.dim, chunk_size=None)
+        backbone_config = dict(feature_cache.key.get("preprocessing", {}).get("data_config") or {})
+        cached_size = (feature_cache.key.get("extra") or {}).get("image_size", image_size)
+        prep = (
+            Preprocessing.from_data_config(backbone_config, int(cached_size))
+            if backbone_config
+            else Preprocessing(int(cached_size))
+        )
     with torch.random.fork_rng(devices=[]):
         probe = create_mil_model(**model_args)  # validates trainable, pooling, fusion before any write
     if (
-        model_args["use_image"]
+        feature_cache is None
+        and model_args["use_image"]
         and model_args["trainable"] != "all"
         and not pretrained
         and not checkpoint_path
@@ -1398,7 +1795,13 @@ def train_run(
             backbone,
         )
     labels, groups = _labels_and_groups(samples)
-    splits = patient_kfold(labels, groups, n_splits=folds, n_repeats=repeats, seed=seed)
+    # A custom split names patients: a cohort's are its IDs.
+    patients = groups
+    if patients is None and split is not None and isinstance(samples, BagCohort):
+        patients = np.asarray(samples.ids, dtype=object)
+    splits = make_folds(split, labels, patients, n_splits=folds, n_repeats=repeats, seed=seed)
+    if split is not None:
+        folds, repeats = 1 + max(f.fold for f in splits), 1 + max(f.repeat for f in splits)
     keys = [(int(f.repeat), int(f.fold)) for f in splits]
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": epochs,
@@ -1413,6 +1816,8 @@ def train_run(
         trainer_kwargs["monitor"] = monitor
     if patience:
         trainer_kwargs["patience"] = patience
+    if pos_weight is not None:
+        trainer_kwargs["pos_weight"] = pos_weight
     fingerprint = {
         **prep.to_dict(),
         "augment": augment,
@@ -1420,6 +1825,8 @@ def train_run(
         "clinical_scaling": "minmax",
         "data": data_fingerprint(samples),
     }
+    if feature_cache is not None:
+        fingerprint["features"] = feature_cache.digest
     settings = fold_settings(
         probe,
         labels,
@@ -1432,6 +1839,9 @@ def train_run(
         drop_last=False,
         trainer_kwargs=trainer_kwargs,
         fingerprint=fingerprint,
+        selection=selection,
+        inner_fraction=inner_fraction,
+        folds=None if split is None else splits,
     )
     del probe
     out = None if output_dir is None else Path(output_dir)
@@ -1460,6 +1870,13 @@ def train_run(
     }
 
     def make_datasets(fold: Any) -> tuple[Dataset[Bag], Dataset[Bag]]:
+        if bag_features is not None:
+            scaler = fit_clinical_scaler(samples, fold.train)
+            common: dict[str, Any] = {"scaler": scaler, "max_instances": max_instances, "seed": seed}
+            return (
+                _feature_dataset(samples, bag_features, fold.train, train=True, **common),
+                _feature_dataset(samples, bag_features, fold.val, train=False, **common),
+            )
         train_ds, val_ds, _ = fold_datasets(samples, fold.train, fold.val, **data_options)
         return train_ds, val_ds
 
@@ -1484,8 +1901,16 @@ def train_run(
             ).preload(  # type: ignore[attr-defined]
                 progress
             )
-        scalers = [fit_clinical_scaler(samples, f.train) for f in splits]
         logger.info("cross-validating %s: %d folds", model_args["pooling"], len(splits))
+        trackers = make_loggers(
+            list(loggers),
+            out or Path("."),
+            tracking_uri=tracking_uri,
+            name=None if out is None else out.name,
+            csv_folder=None if out is None else out / "cv",
+        )
+        for tracker in trackers:
+            tracker.start({"run": settings})
         result = cross_validate(
             lambda: create_mil_model(**model_args),
             make_datasets,
@@ -1501,7 +1926,14 @@ def train_run(
             output_dir=None if out is None else out / "cv",
             keep_models=True,
             fingerprint=fingerprint,
+            folds=None if split is None else splits,
+            selection=selection,
+            inner_fraction=inner_fraction,
+            loggers=trackers,
+            callbacks_factory=(lambda fold: list(callbacks)) if callbacks else None,
         )
+        # Each fold model's clinical scaling: fitted on what it trained on (make_datasets did the same).
+        scalers = [fit_clinical_scaler(samples, idx) for idx in result.fit_indices]
         models = list(result.models)
         if len(models) != len(keys):
             raise CheckpointError(
@@ -1533,6 +1965,12 @@ def train_run(
             "monitor": monitor,
             "patience": patience,
             "num_workers": num_workers,
+            "features": None if feature_cache is None else str(feature_cache.path),
+            "split": _split_description(split),
+            "selection": selection,
+            "inner_fraction": inner_fraction if selection == "inner" else None,
+            "one_logit": one_logit,
+            "pos_weight": pos_weight,
         }
         record = {
             "format": RUN_FORMAT,
@@ -1552,15 +1990,41 @@ def train_run(
             "models": [{"repeat": r, "fold": k} for r, k in keys],
             "seconds": round(time.perf_counter() - start, 1),
         }
+        if feature_cache is not None:
+            record["features"] = {**feature_cache.identity, "dim": feature_cache.dim}
+        if calibrate is not None:
+            record["calibration"] = _run_calibration(result.oof, calibrate)
         run = SavedRun(record, models, scalers, None, result)
         if out is not None:
             save_run(run, out, figures=figures)
+        for tracker in trackers:
+            if out is not None:
+                for name in RUN_OUTPUTS:
+                    if name != "cv" and (out / name).exists():
+                        tracker.log_artifacts(out / name)
+            tracker.finish()
         return run
 
     if out is None:
         return train(None)
     with folder_lock(out, what="run folder"):
         return train(out)
+
+
+def _run_calibration(oof: Any, method: str) -> dict[str, Any]:
+    """``run.json``'s ``calibration``: a calibrator fitted on the first repetition's out-of-fold rows."""
+    from milcell.calibration import fit_run_calibration
+
+    first = np.asarray(oof.repeat) == 0
+    fitted = fit_run_calibration(
+        np.asarray(oof.probabilities, dtype=np.float64)[first],
+        np.asarray(oof.labels)[first],
+        method,
+        fitted_on="out-of-fold predictions (repeat 0)",
+        folds=np.asarray(oof.fold)[first],
+    )
+    logger.info("calibration: %r fitted on %d out-of-fold predictions", fitted.calibrator, int(first.sum()))
+    return fitted.to_dict()
 
 
 def save_run(run: SavedRun, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
@@ -1810,6 +2274,7 @@ _RUN_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "settings": ((dict,), False),
     "data": ((dict,), False),
     "train_ids": ((list,), False),
+    "calibration": ((dict,), False),
 }
 _MODEL_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "model_config": ((dict,), True),

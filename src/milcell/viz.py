@@ -1,4 +1,4 @@
-"""Figures for MIL experiments: ROC curves, training curves, confusion matrices, attention montages.
+"""Figures for MIL experiments: ROC, training and risk-coverage curves, reliability diagrams, montages.
 
 Every function builds a :class:`matplotlib.figure.Figure` with the object API
 (no pyplot state, no window, nothing left open) and returns it; write it with
@@ -43,6 +43,8 @@ __all__ = [
     "attention_montage",
     "attention_order",
     "plot_confusion_matrix",
+    "plot_reliability_diagram",
+    "plot_risk_coverage",
     "plot_roc",
     "plot_roc_comparison",
     "plot_training_curves",
@@ -666,6 +668,164 @@ def plot_confusion_matrix(
     if title:
         ax.set_title(title)
     return figure  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def plot_reliability_diagram(
+    y_true: Any,
+    y_prob: Any,
+    *,
+    n_bins: int = 10,
+    strategy: str = "uniform",
+    mode: str = "auto",
+    label: str | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Reliability diagram: observed frequency against mean predicted probability, with bin counts.
+
+    The top axes shows one point per non-empty bin (the table of
+    :func:`milcell.metrics.calibration_bins`) against the diagonal of perfect
+    calibration, with the ECE in the legend; a bar chart below shows how many
+    patients fall into each bin (a bin of 3 patients says little). Call it
+    twice on the same ``ax`` (e.g. before and after calibration) to compare;
+    only the first call draws the counts when ``ax`` is given.
+
+    Parameters
+    ----------
+    y_true : array-like
+        ``(n,)`` labels; ``-1`` (unlabelled) is left out.
+    y_prob : array-like or Tensor
+        ``(n,)`` positive-class probabilities or ``(n, C)`` probabilities.
+    n_bins, strategy, mode
+        Binning, as :func:`milcell.metrics.calibration_bins`.
+    label : str or None, default None
+        Curve name in the legend (``"model"`` when None).
+    ax : matplotlib Axes or None, default None
+        Draw the curve into this axes (no count panel); a new two-panel
+        figure is made when None.
+    title : str or None, default None
+        Title of the top axes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    MissingExtraError
+        matplotlib is not installed.
+    DataError, ConfigError
+        As :func:`milcell.metrics.calibration_bins`.
+
+    Examples
+    --------
+    >>> fig = plot_reliability_diagram([0, 1, 1, 0, 1], [0.1, 0.8, 0.7, 0.3, 0.4], n_bins=5)
+    >>> [ax.get_ylabel() for ax in fig.axes]
+    ['Observed frequency (class 1)', 'Patients']
+    """
+    from milcell.metrics import calibration_bins
+
+    if isinstance(y_prob, torch.Tensor):
+        y_prob = y_prob.detach().float().cpu().numpy()
+    if isinstance(y_true, torch.Tensor):
+        y_true = y_true.detach().cpu().numpy()
+    bins = calibration_bins(y_true, y_prob, n_bins=n_bins, strategy=strategy, mode=mode)
+    full = bins.counts > 0
+    count_ax: Axes | None = None
+    if ax is None:
+        figure = _figure_class()(figsize=(4.6, 5.4), layout="constrained")
+        top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        ax, count_ax = top, bottom
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfect calibration")
+    ax.plot(
+        bins.confidence[full],
+        bins.frequency[full],
+        marker="o",
+        label=f"{label or 'model'} (ECE {bins.ece:.3f})",
+    )
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    what = "class 1" if bins.mode == "binary" else "accuracy"
+    ax.set_ylabel(f"Observed frequency ({what})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    xlabel = (
+        "Predicted probability of class 1" if bins.mode == "binary" else "Confidence (largest probability)"
+    )
+    if count_ax is not None:
+        centres = np.where(full, bins.confidence, (bins.lower + bins.upper) / 2)
+        widths = np.where(np.isfinite(bins.upper - bins.lower), bins.upper - bins.lower, 0.0)
+        widths = np.maximum(widths, 0.02) * 0.9
+        count_ax.bar(centres[full], bins.counts[full], width=widths[full], color="C0", alpha=0.6)
+        count_ax.set_ylabel("Patients")
+        count_ax.set_xlabel(xlabel)
+        count_ax.grid(True, alpha=0.3)
+    else:
+        ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
+    return ax.figure  # type: ignore[return-value]
+
+
+def plot_risk_coverage(
+    curves: Mapping[str, tuple[Any, Any]],
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Risk-coverage curves of selective prediction, one per confidence score, with their AURC.
+
+    Parameters
+    ----------
+    curves : mapping of str to (correct, confidence)
+        ``name -> (correct, confidence)``: ``(n,)`` 0/1 correctness of each
+        patient's prediction and ``(n,)`` confidence (higher = kept first),
+        as :func:`milcell.metrics.risk_coverage_curve` takes them.
+    ax : matplotlib Axes or None, default None
+        Draw into this axes; a new figure is made when None.
+    title : str or None, default None
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    MissingExtraError
+        matplotlib is not installed.
+    ConfigError
+        ``curves`` is empty.
+    DataError
+        As :func:`milcell.metrics.risk_coverage_curve`.
+
+    Examples
+    --------
+    >>> fig = plot_risk_coverage({"max probability": ([1, 1, 0, 1], [0.9, 0.8, 0.6, 0.7])})
+    >>> fig.axes[0].get_legend().get_texts()[0].get_text()
+    'max probability (AURC 0.062)'
+    """
+    from milcell.metrics import risk_coverage_curve
+
+    if not isinstance(curves, Mapping) or not curves:
+        raise ConfigError(
+            "plot_risk_coverage: curves must be a non-empty mapping name -> (correct, confidence)"
+        )
+    ax = _roc_axes(ax, (4.8, 4.0))
+    for name, (correct, confidence) in curves.items():
+        rc = risk_coverage_curve(_to_numpy(correct, "correct"), _to_numpy(confidence, "confidence"))
+        ax.step(rc.coverage, rc.risk, where="post", label=f"{name} (AURC {rc.aurc:.3f})")
+    ax.set_xlim(0.0, 1.01)
+    ax.set_xlabel("Coverage (fraction of patients not referred)")
+    ax.set_ylabel("Risk (error rate of the kept patients)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax.figure  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- attention montage

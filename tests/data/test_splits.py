@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milcell.data import BagCohort, BagRecord, CellRecord, CellSet
-from milcell.data.splits import Fold, patient_holdout, patient_kfold
+from milcell.data.splits import (
+    Fold,
+    folds_from_assignment,
+    folds_from_splitter,
+    inner_split,
+    make_folds,
+    patient_holdout,
+    patient_kfold,
+    read_fold_assignment,
+)
 from milcell.exceptions import ConfigError, DataError
 
 
@@ -192,3 +201,168 @@ def test_split_errors() -> None:
         patient_holdout(labels, test_size=1)
     with pytest.raises(ConfigError, match="at least 2 classes"):
         patient_holdout([1, 1, 1])
+
+
+# --------------------------------------------------------------------------- custom splits (issue 15)
+
+
+def _cells() -> tuple[np.ndarray, np.ndarray]:
+    """12 cells of 6 patients (2 each), patient labels 0/1 alternating, one unlabelled patient."""
+    patients = np.repeat([f"p{i}" for i in range(6)], 2)
+    labels = np.repeat([0, 1, 0, 1, 0, -1], 2)
+    return labels, patients
+
+
+def test_folds_from_assignment_mapping_column_and_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels, patients = _cells()
+    mapping = {"p0": "A", "p1": "A", "p2": "B", "p3": "B", "p4": "B"}  # p5 is unlabelled: no fold needed
+    with caplog.at_level(logging.INFO, logger="milcell"):
+        folds = folds_from_assignment(mapping, labels, patients)
+    assert "validation patients per fold: 2 (4 samples), 3 (6 samples)" in caplog.text
+    assert [(f.fold, f.val.tolist(), f.train.tolist()) for f in folds] == [
+        (0, [0, 1, 2, 3], [4, 5, 6, 7, 8, 9]),
+        (1, [4, 5, 6, 7, 8, 9], [0, 1, 2, 3]),
+    ]
+    column = [mapping.get(p) for p in patients]
+    assert [f.val.tolist() for f in folds_from_assignment(column, labels, patients)] == [
+        f.val.tolist() for f in folds
+    ]
+    file = tmp_path / "split.csv"
+    file.write_text("patient_id,fold,site\n" + "".join(f"{p},{f},x\n" for p, f in mapping.items()))
+    assert [f.val.tolist() for f in folds_from_assignment(file, labels, patients)] == [
+        f.val.tolist() for f in folds
+    ]
+    # numeric folds sort numerically, whatever their type
+    numeric = folds_from_assignment({"p0": 10, "p1": 2, "p2": 2.0, "p3": "10", "p4": 2}, labels, patients)
+    assert [f.val.tolist() for f in numeric] == [[2, 3, 4, 5, 8, 9], [0, 1, 6, 7]]
+
+
+def test_folds_from_assignment_of_a_cohort_uses_its_ids() -> None:
+    cohort = BagCohort([BagRecord(f"p{i}", i % 2, (Path(f"p{i}/c.png"),)) for i in range(4)])
+    folds = folds_from_assignment({"p0": 0, "p1": 0, "p2": 1, "p3": 1}, cohort)
+    assert [f.val.tolist() for f in folds] == [[0, 1], [2, 3]]
+
+
+def test_folds_from_assignment_errors(tmp_path: Path) -> None:
+    labels, patients = _cells()
+    full = {"p0": 0, "p1": 0, "p2": 1, "p3": 1, "p4": 1}
+    with pytest.raises(DataError, match="2 labelled patient.*have no fold.*'p3', 'p4'"):
+        folds_from_assignment({"p0": 0, "p1": 0, "p2": 1}, labels, patients)
+    with pytest.raises(DataError, match="does not have: 'ghost', 'x'"):
+        folds_from_assignment({**full, "x": 1, "ghost": 0}, labels, patients)
+    with pytest.raises(DataError, match="patient 'p1' is in two folds"):
+        folds_from_assignment([0, 0, 0, 1, 1, 1, 0, 0, 1, 1, None, None], labels, patients)
+    with pytest.raises(DataError, match=r"shape \(12,\)"):
+        folds_from_assignment([0, 1], labels, patients)
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        folds_from_assignment(dict.fromkeys(full, 0), labels, patients)
+    with pytest.raises(ConfigError, match="needs the patient of each sample"):
+        folds_from_assignment(full, labels)
+    with pytest.raises(DataError, match="a fold must be a whole number or a name"):
+        folds_from_assignment({**full, "p0": 0.5}, labels, patients)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient,fold\np0,0\n")
+    with pytest.raises(DataError, match=r"bad.csv' lacks the column\(s\) \['patient_id'\]"):
+        folds_from_assignment(bad, labels, patients)
+    twice = tmp_path / "twice.csv"
+    twice.write_text("patient_id,fold\np0,0\np1,1\np0,0\n")
+    with pytest.raises(DataError, match="patient 'p0' is listed twice \\(rows 2 and 4\\)"):
+        read_fold_assignment(twice)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("patient_id,fold\np0,\n")
+    with pytest.raises(DataError, match="row 2 \\(patient 'p0'\\): the 'fold' cell is blank"):
+        read_fold_assignment(blank)
+    with pytest.raises(FileNotFoundError, match="fold file"):
+        read_fold_assignment(tmp_path / "absent.csv")
+    other = tmp_path / "other.csv"
+    other.write_text("id;split\np0;0\n".replace(";", ","))
+    assert read_fold_assignment(other, patient_column="id", fold_column="split") == {"p0": 0}
+
+
+def test_folds_from_splitter() -> None:
+    from sklearn.model_selection import GroupKFold, KFold, RepeatedStratifiedKFold
+
+    labels, patients = _cells()
+    folds = folds_from_splitter(GroupKFold(n_splits=5), labels, patients)
+    assert len(folds) == 5 and sorted(np.concatenate([f.val for f in folds]).tolist()) == list(range(10))
+    for f in folds:
+        assert not set(patients[f.train]) & set(patients[f.val])
+    repeated = folds_from_splitter(
+        RepeatedStratifiedKFold(n_splits=2, n_repeats=3, random_state=0), [0, 1] * 5
+    )
+    assert [(f.repeat, f.fold) for f in repeated] == [(r, k) for r in range(3) for k in range(2)]
+    with pytest.raises(DataError, match="fold 1 puts 1 patient\\(s\\) on both sides: 'p3'"):
+        folds_from_splitter(KFold(n_splits=3), labels, patients)  # splits the cells of a patient
+    with pytest.raises(ConfigError, match="must have a split"):
+        folds_from_splitter(object(), labels)
+    with pytest.raises(ConfigError, match="KFold.split failed"):
+        folds_from_splitter(KFold(n_splits=50), labels)
+
+
+def test_make_folds_dispatches_and_checks_given_folds(tmp_path: Path) -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.array([0, 1] * 4)
+    assert [f.val.tolist() for f in make_folds(None, labels, n_splits=2, seed=3)] == [
+        f.val.tolist() for f in patient_kfold(labels, n_splits=2, seed=3)
+    ]
+    assert len(make_folds(StratifiedKFold(n_splits=4), labels)) == 4
+    given = [Fold(np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7]), 0, 0)]
+    assert make_folds(given, labels)[0].val.tolist() == [4, 5, 6, 7]
+    with pytest.raises(DataError, match="on both sides"):
+        make_folds([Fold(np.array([0, 1]), np.array([1, 2]), 0, 0)], labels)
+    with pytest.raises(DataError, match="out of range"):
+        make_folds([Fold(np.array([0, 1]), np.array([9]), 0, 0)], labels)
+    with pytest.raises(DataError, match="patient\\(s\\) 'a' on both sides"):
+        make_folds([Fold(np.array([0]), np.array([1]), 0, 0)], labels[:2], ["a", "a"])
+    file = tmp_path / "f.csv"
+    file.write_text("patient_id,fold\n" + "".join(f"s{i},{i % 2}\n" for i in range(8)))
+    assert len(make_folds(str(file), labels, [f"s{i}" for i in range(8)])) == 2
+
+
+@settings(max_examples=20)
+@given(
+    n_patients=st.integers(6, 30),
+    cells=st.integers(1, 3),
+    fraction=st.floats(0.05, 0.5),
+    seed=st.integers(0, 100),
+)
+def test_inner_split_is_patient_level_stratified_and_inside_the_training_fold(
+    n_patients: int, cells: int, fraction: float, seed: int
+) -> None:
+    labels = np.repeat(np.arange(n_patients) % 2, cells)
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], cells)
+    outer = patient_kfold(labels, groups, n_splits=2, seed=seed)[0]
+    n_train = len(set(groups[outer.train]))
+    per_class = [len(set(groups[outer.train][labels[outer.train] == c])) for c in (0, 1)]
+    try:
+        inner = inner_split(outer, labels, groups, fraction=fraction, seed=seed)
+    except ConfigError as exc:
+        assert max(per_class) < 2 and "too few" in str(exc)  # no class can be on both sides
+        return
+    assert sorted(np.concatenate([inner.train, inner.val]).tolist()) == outer.train.tolist()
+    assert not set(groups[inner.train]) & set(groups[inner.val])
+    assert set(labels[inner.train]) == {0, 1}
+    if min(per_class) >= 2:  # stratified: every class on both sides
+        assert set(labels[inner.val]) == {0, 1}
+        assert len(set(groups[inner.val])) == max(2, int(np.ceil(fraction * n_train)))
+    else:  # the class with a single training patient stays for training
+        lonely = int(np.argmin(per_class))
+        assert lonely not in set(labels[inner.val]) and len(inner.val) > 0
+    assert (inner.repeat, inner.fold) == (outer.repeat, outer.fold)
+    again = inner_split(outer, labels, groups, fraction=fraction, seed=seed)
+    assert again.val.tolist() == inner.val.tolist()
+
+
+def test_inner_split_keeps_a_lonely_class_for_training(caplog: pytest.LogCaptureFixture) -> None:
+    labels = np.array([0, 1, 1, 1, 1, 1])
+    outer = Fold(np.arange(6), np.array([], dtype=np.int64), 0, 3)
+    with caplog.at_level(logging.WARNING, logger="milcell"):
+        inner = inner_split(outer, labels, fraction=0.4, seed=1)
+    assert "fold 3 of repeat 0: class(es) [0] have a single training patient" in caplog.text
+    assert 0 in inner.train and set(labels[inner.val]) == {1} and len(inner.val) == 2
+    assert sorted(np.concatenate([inner.train, inner.val]).tolist()) == list(range(6))
+    with pytest.raises(ConfigError, match="too few"):
+        inner_split(outer, np.array([0, 1, 2, 3, 4, 5]), fraction=0.2)

@@ -10,7 +10,7 @@ from torch import nn
 
 from milcell.exceptions import ConfigError, ShapeError
 from milcell.nn.backbones import create_backbone
-from milcell.nn.encoder import InstanceEncoder
+from milcell.nn.encoder import InstanceEncoder, MLPEncoder, create_encoder
 
 
 def _forward_backward(
@@ -136,3 +136,64 @@ def test_backbone_with_wrong_output_rank() -> None:
     enc = InstanceEncoder(nn.Identity())
     with pytest.raises(ShapeError, match=r"must return \(T, D\)"):
         enc(torch.rand(2, 3, 4, 4))
+
+
+# --------------------------------------------------------------------------- any encoder (issue 15)
+
+
+def test_mlp_encoder_chunked_and_checkpointed_equal_unchunked() -> None:
+    mlp = MLPEncoder(12, hidden=(16, 8)).double()
+    x = torch.randn(23, 12, dtype=torch.float64)
+    results = [
+        _forward_backward(InstanceEncoder(mlp, chunk_size=chunk, checkpointing=ckpt).train(), x)
+        for chunk, ckpt in [(None, False), (5, False), (5, True), (100, True)]
+    ]
+    assert results[0][0].shape == (23, 8)
+    for other in results[1:]:
+        _assert_same(results[0], other)
+
+
+def test_any_module_with_num_features_is_an_encoder() -> None:
+    class Tokens(nn.Module):  # (T, L, E) token sequences -> (T, E): not an image, not a vector
+        num_features = 6
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).mean(dim=1)
+
+    enc = InstanceEncoder(Tokens(), chunk_size=3, checkpointing=True)
+    x = torch.randn(7, 5, 6, requires_grad=True)
+    out = enc(x)
+    assert out.shape == (7, 6) and enc.num_features == 6 and enc.in_chans is None and enc.in_dim is None
+    out.sum().backward()
+    assert x.grad is not None and enc.backbone.proj.weight.grad is not None
+
+
+def test_mlp_encoder_layers_and_checks() -> None:
+    enc = MLPEncoder(10, hidden=(256, 128, 64), dropout=0.1)
+    kinds = [type(m).__name__ for m in enc.net]
+    assert kinds == ["Linear", "ReLU", "Dropout"] * 3
+    assert enc.num_features == 64 and enc.in_dim == 10
+    assert [type(m).__name__ for m in MLPEncoder(10, hidden=4).net] == ["Linear", "ReLU"]
+    with pytest.raises(ConfigError, match="hidden"):
+        MLPEncoder(10, hidden=())
+    with pytest.raises(ConfigError, match="dropout"):
+        MLPEncoder(10, dropout=1.0)
+    wrapped = InstanceEncoder(enc)
+    with pytest.raises(ShapeError, match=r"features \(T, 10\)"):
+        wrapped(torch.randn(3, 11))
+    with pytest.raises(ShapeError, match=r"features \(T, 10\)"):
+        wrapped(torch.randn(3, 3, 32, 32))
+
+
+def test_create_encoder() -> None:
+    enc = create_encoder("mlp", 8, hidden=(4,), dropout=0.0, chunk_size=2, checkpointing=True)
+    assert isinstance(enc, InstanceEncoder) and isinstance(enc.backbone, MLPEncoder)
+    assert (enc.chunk_size, enc.checkpointing, enc.num_features, enc.in_dim) == (2, True, 4, 8)
+    with pytest.raises(ConfigError, match="encoder must be one of"):
+        create_encoder("transformer", 8)
+    with pytest.raises(ConfigError, match="does not take"):
+        create_encoder("mlp", 8, width=3)

@@ -289,3 +289,67 @@ def test_fusion_hidden_is_an_int_or_a_tuple() -> None:
         by_tuple = create_fusion(name, D, 0 if name == "linear" else FC, C, **{key: (7,)})
         assert str(by_int) == str(by_tuple)
     assert [m.out_features for m in ClinicalMLP(FC, hidden=5).net if isinstance(m, torch.nn.Linear)] == [5, 2]
+
+
+# --------------------------------------------------------------------------- one-logit heads (issue 15)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("linear", "image")] + [(n, m) for n in ("concat", "moe", "gated") for m in MODES],
+)
+def test_one_logit_heads_return_zero_then_z(name: str, mode: str) -> None:
+    use_image, use_clinical = MODES[mode]
+    kwargs = {} if name == "linear" else {"use_image": use_image, "use_clinical": use_clinical}
+    torch.manual_seed(0)
+    head = create_fusion(name, D, FC, 2, one_logit=True, **kwargs)
+    assert head.one_logit and head.out_features == 1
+    image = torch.randn(B, D, requires_grad=True)
+    out = head(image if use_image else None, torch.rand(B, FC))
+    assert out.logits.shape == (B, 2)
+    assert torch.equal(out.logits[:, 0], torch.zeros(B))
+    for scores in out.experts.values():  # experts are one-logit too: [0, z_e]
+        assert scores.shape == (B, 2) and torch.equal(scores[:, 0], torch.zeros(B))
+    out.logits[:, 1].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_one_logit_last_layers_have_one_output() -> None:
+    assert create_fusion("linear", D, 0, 2, one_logit=True, hidden=(5,)).net[-1].out_features == 1
+    assert create_fusion("concat", D, FC, 2, one_logit=True).net[-1].out_features == 1
+    moe = create_fusion("moe", D, FC, 2, one_logit=True)
+    assert moe.combiner[0].in_features == 2 and moe.combiner[-1].out_features == 1
+    assert moe.image_expert[-1].out_features == 1 and moe.clinical_expert.num_classes == 1
+    gated = create_fusion("gated", D, FC, 2, one_logit=True)
+    assert gated.image_expert[-1].out_features == 1
+
+
+def test_one_logit_gated_is_the_log_odds_of_the_mixture() -> None:
+    torch.manual_seed(1)
+    head = create_fusion("gated", D, FC, 2, one_logit=True)
+    image, clinical = torch.randn(B, D), torch.rand(B, FC)
+    out = head(image, clinical)
+    p = out.gate[:, 0]
+    mixed = p * torch.sigmoid(out.experts["image"][:, 1]) + (1 - p) * torch.sigmoid(
+        out.experts["clinical"][:, 1]
+    )
+    torch.testing.assert_close(torch.softmax(out.logits, dim=1)[:, 1], mixed)
+
+
+def test_one_logit_is_for_two_classes_only() -> None:
+    with pytest.raises(ConfigError, match="one_logit=True is for binary problems"):
+        create_fusion("concat", D, FC, 3, one_logit=True)
+    with pytest.raises(ConfigError, match="one_logit must be a bool"):
+        create_fusion("concat", D, FC, 2, one_logit="yes")
+    assert "one_logit=True" in repr(create_fusion("linear", D, 0, 2, one_logit=True))
+
+
+def test_two_logits() -> None:
+    from milcell.nn.fusion import two_logits
+
+    z = torch.tensor([[0.3], [-2.0]])
+    assert two_logits(z).tolist() == [[0.0, pytest.approx(0.3)], [0.0, -2.0]]
+    pair = torch.randn(2, 2)
+    assert two_logits(pair) is pair
+    with pytest.raises(ShapeError, match=r"\(B, 1\)"):
+        two_logits(torch.randn(2, 3))

@@ -71,7 +71,7 @@ def _feature_model(pooling: str, fusion: str | None) -> MILModel:
 
 def _step(model: MILModel, batch: BagBatch, **loss_kwargs: object) -> torch.Tensor:
     out = model(batch)
-    loss = mil_loss(out, batch, **loss_kwargs)  # type: ignore[arg-type]
+    loss = model.loss(out, batch, **loss_kwargs)  # type: ignore[arg-type]  (bag loss + auxiliary losses)
     loss.backward()
     return loss
 

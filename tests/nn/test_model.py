@@ -467,3 +467,130 @@ def test_a_config_saved_before_the_rename_loads_without_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert MILModel.from_config(saved).config == config
+
+
+# --------------------------------------------------------------------------- issue 15: any encoder, one logit
+
+
+def test_mlp_encoder_model_attention_mil_on_feature_bags() -> None:
+    torch.manual_seed(0)
+    model = create_mil_model(
+        encoder="mlp",
+        encoder_kwargs={"hidden": (32, 16, 8), "dropout": 0.1},
+        in_dim=20,
+        pooling="attention",
+        chunk_size=3,
+        checkpointing=True,
+    )
+    assert model.config["backbone"] is None and model.config["encoder"] == "mlp"
+    assert model.encoder.num_features == 8 and model.pooling.in_dim == 8 and model.encoder.chunk_size == 3
+    batch = collate_bags([Bag(torch.randn(5, 20), 1), Bag(torch.randn(2, 20), 0)])
+    out = model(batch)
+    assert out.logits.shape == (2, 2) and out.attention.shape == (2, 5)
+    model.loss(out, batch).backward()
+    assert model.encoder.backbone.net[0].weight.grad is not None
+    # Chunked and checkpointed equals one pass (eval: no dropout).
+    model.eval()
+    plain = MILModel.from_config({**model.config, "chunk_size": None, "checkpointing": False}).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(batch).logits, plain(batch).logits)
+    # The config rebuilds it (JSON round trip included).
+    rebuilt = MILModel.from_config(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(batch).logits, model(batch).logits)
+    with pytest.raises(ShapeError, match=r"features \(T, 20\)"):
+        model(collate_bags([Bag(torch.randn(3, 7), 0)]))
+
+
+def test_mlp_encoder_arguments() -> None:
+    with pytest.raises(ConfigError, match="backbone='resnet18' would encode images"):
+        create_mil_model("resnet18", encoder="mlp", in_dim=8)
+    with pytest.raises(ConfigError, match="encoder must be one of"):
+        create_mil_model(None, encoder="lstm", in_dim=8)
+    with pytest.raises(ConfigError, match="in_dim is required"):
+        create_mil_model(encoder="mlp")
+    with pytest.raises(ConfigError, match="without an encoder"):
+        create_mil_model(None, in_dim=8, encoder_kwargs={"hidden": 4})
+    with pytest.raises(ConfigError, match="does not take"):
+        create_mil_model(encoder="mlp", in_dim=8, encoder_kwargs={"depth": 4})
+    # Defaults: the classic 256-128-64 instance network.
+    assert create_mil_model(encoder="mlp", in_dim=8).encoder.backbone.hidden == (256, 128, 64)
+    # A model without encoder/one_logit records neither (configs of earlier runs are unchanged).
+    assert not {"encoder", "encoder_kwargs", "one_logit"} & set(create_mil_model(None, in_dim=4).config)
+
+
+def test_any_module_is_an_encoder() -> None:
+    class Tokens(torch.nn.Module):  # (T, L, 4) -> (T, 4)
+        num_features = 4
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=1)
+
+    model = MILModel(create_pooling("mean", 4), create_fusion("linear", 4, 0, 2), encoder=Tokens())
+    batch = collate_bags([Bag(torch.randn(3, 5, 4), 0), Bag(torch.randn(1, 5, 4), 1)])
+    assert model(batch).logits.shape == (2, 2)
+
+    class Wide(Tokens):
+        num_features = 6
+
+    with pytest.raises(ConfigError, match="the encoder gives 6 features"):
+        MILModel(create_pooling("mean", 4), create_fusion("linear", 4, 0, 2), encoder=Wide())
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_one_logit_model_loss_is_bce_on_z(fusion: str) -> None:
+    torch.manual_seed(0)
+    kwargs = {"clinical_dim": 3} if fusion != "linear" else {}
+    model = create_mil_model(None, pooling="attention", fusion=fusion, in_dim=6, one_logit=True, **kwargs)
+    assert model.one_logit and model.config["one_logit"] is True
+    batch = make_batch([3, 2, 4, 1], dim=6, clinical_dim=kwargs.get("clinical_dim", 0), labels=[1, 0, -1, 1])
+    out = model(batch)
+    z = out.logits[:, 1]
+    assert torch.equal(out.logits[:, 0], torch.zeros(4))
+    keep = batch.labels >= 0
+    bce = F.binary_cross_entropy_with_logits(z[keep], batch.labels[keep].float())
+    ce = F.cross_entropy(out.logits[keep], batch.labels[keep])
+    torch.testing.assert_close(ce, bce)  # CE on [0, z] is BCE on z
+    experts = sum(
+        F.binary_cross_entropy_with_logits(s[keep, 1], batch.labels[keep].float())
+        for s in out.experts.values()
+    )
+    torch.testing.assert_close(model.loss(out, batch), bce + experts)
+    # pos_weight scales the positive terms, as torch's BCE does.
+    pw = torch.tensor(2.5)
+    expected = F.binary_cross_entropy_with_logits(z[keep], batch.labels[keep].float(), pos_weight=pw) + sum(
+        F.binary_cross_entropy_with_logits(s[keep, 1], batch.labels[keep].float(), pos_weight=pw)
+        for s in out.experts.values()
+    )
+    torch.testing.assert_close(model.loss(out, batch, pos_weight=2.5), expected)
+    model.loss(out, batch, pos_weight=2.5).backward()
+
+
+def test_one_logit_soft_labels_and_class_weights() -> None:
+    torch.manual_seed(0)
+    model = create_mil_model(None, pooling="mean", in_dim=4, one_logit=True)
+    batch = make_batch([2, 3], dim=4, labels=[1, 0])
+    out = model(batch)
+    w = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(
+        model.loss(out, batch, class_weights=w), F.cross_entropy(out.logits, batch.labels, weight=w)
+    )
+    batch.soft_labels = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
+    torch.testing.assert_close(
+        model.loss(out, batch),
+        F.binary_cross_entropy_with_logits(out.logits[:, 1], batch.soft_labels[:, 1]),
+    )
+
+
+def test_pos_weight_and_one_logit_arguments() -> None:
+    out = MILOutput(logits=torch.zeros(2, 3), embedding=torch.zeros(2, 1))
+    batch = make_batch([1, 1], dim=1, labels=[0, 2])
+    with pytest.raises(ConfigError, match="needs 2 classes"):
+        mil_loss(out, batch, pos_weight=2.0)
+    two = MILOutput(logits=torch.zeros(2, 2), embedding=torch.zeros(2, 1))
+    with pytest.raises(ConfigError, match="pos_weight"):
+        mil_loss(two, make_batch([1, 1], dim=1), pos_weight=0.0)
+    with pytest.raises(ConfigError, match="one_logit=True is for binary problems"):
+        create_mil_model(None, in_dim=4, num_classes=3, one_logit=True)
+    with pytest.raises(ConfigError, match="prediction-level"):
+        create_mil_model(None, pooling="instance_mean", in_dim=4, one_logit=True)

@@ -55,6 +55,13 @@ _TRAIN_OPTIONS = (
     "overwrite",
     "resume",
     "checkpoint_path",
+    "features",
+    "calibrate",
+    "selection",
+    "inner_fraction",
+    "one_logit",
+    "pos_weight",
+    "tracking_uri",
 )
 
 
@@ -86,12 +93,16 @@ def check_inputs(cfg: Mapping[str, Any], clinical_names: Sequence[str]) -> None:
 
 
 def train_command(
-    cfg: Mapping[str, Any], out: Path, before_training: Callable[[Path], None] | None = None
+    cfg: Mapping[str, Any],
+    out: Path,
+    before_training: Callable[[Path], None] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> SavedRun:
     """``milcell train``: read ``--data-dir`` and cross-validate into the run folder ``out``.
 
     Nothing is written before :func:`milcell.runs.train_run` has validated the
     run; ``before_training(out)`` is then called (it writes ``config.yaml``).
+    ``callbacks`` go to every fold's trainer (``milcell tune``'s reporter).
     """
     from milcell.runs import load_samples, train_run
 
@@ -99,6 +110,15 @@ def train_command(
     samples = load_samples(cfg["format"], cfg["data_dir"], "train")
     check_inputs(cfg, getattr(samples, "clinical_names", ()))
     options = {key: cfg[key] for key in _TRAIN_OPTIONS if key in cfg}
+    if cfg.get("logger"):
+        from milcell.train.loggers import parse_logger_names
+
+        options["loggers"] = parse_logger_names(cfg["logger"])
+    if cfg.get("folds_file"):
+        folds_file = Path(cfg["folds_file"])
+        if not folds_file.is_file():
+            raise FileNotFoundError(f"--folds-file '{folds_file}' does not exist or is not a file")
+        options["split"] = folds_file
     sampler = cfg.get("sampler", "none")
     return train_run(
         samples,
@@ -108,6 +128,7 @@ def train_command(
         device=device,
         data_format=cfg["format"],
         before_training=before_training,
+        callbacks=callbacks,
     )
 
 
@@ -141,6 +162,7 @@ def _predict_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "device": resolve_device(cfg["device"]),
         "precision": cfg["precision"],
         "progress": cfg["progress"],
+        "features": cfg.get("features"),
     }
 
 
@@ -157,23 +179,35 @@ def evaluate_command(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     run = load_run(cfg["run"])
     options = _predict_options(cfg)  # validated whatever the split
     if cfg["split"] == "oof":
-        return run.table(), {
+        table = run.table()
+        calibration = run.calibration
+        if calibration is not None and calibration.metrics:
+            from milcell.calibration import format_calibration
+
+            table += "\n\nout-of-fold calibration (cross-fitted over the folds)\n" + format_calibration(
+                calibration.metrics
+            )
+        return table, {
             "data_dir": None,
             "split": "oof",
             "summary": {k: list(v) for k, v in run.summary.items()},
             "trained_on": [],
+            "calibration": None if calibration is None else calibration.metrics,
         }
     data_dir = cfg.get("data_dir") or saved_data_dir(run)
     samples = load_samples(_data_format(run), data_dir, cfg["split"], run.class_names)
     if (samples.labels >= 0).sum() == 0:
         raise DataError(f"no labelled sample in '{data_dir}' (split {cfg['split']!r}); evaluate needs labels")
-    evaluation = run.evaluate(samples, held_out=cfg["split"] == "test", **options)
+    evaluation = run.evaluate(
+        samples, held_out=cfg["split"] == "test", refer_target=cfg.get("refer_target", 0.95), **options
+    )
     result = {
         "data_dir": str(data_dir),
         "split": cfg["split"],
         "ensemble": evaluation.ensemble,
         "fold_models": evaluation.fold_models,
         "trained_on": evaluation.trained_on,
+        "calibration": evaluation.calibration,
     }
     return evaluation.table(), result
 
@@ -190,6 +224,11 @@ def predict_command(cfg: Mapping[str, Any]) -> tuple[list[Path], int]:
 
     run = load_run(cfg["run"])
     options = _predict_options(cfg)
+    if cfg.get("alpha") is not None and run.calibration is None:
+        raise ConfigError(
+            f"--alpha needs a calibrated run: '{run.path}' was trained without --calibrate (train it again "
+            "with --calibrate temperature)"
+        )
     fmt = _data_format(run)
     data_dir = cfg.get("data_dir") or saved_data_dir(run)
     split = cfg.get("split") or ("all" if fmt == "cnmc" else "test")
@@ -197,7 +236,25 @@ def predict_command(cfg: Mapping[str, Any]) -> tuple[list[Path], int]:
     preds = run.predict(samples, held_out=split == "test", **options)
     default_name = "submission.csv" if fmt == "dlmi" else "predictions.csv"
     target = Path(cfg.get("output") or (Path(cfg["run"]) / default_name))
-    if fmt != "dlmi":
-        return [preds.write_csv(target)], len(preds.ids)
-    probabilities = target.with_name(f"{target.stem}_probabilities.csv")
-    return [preds.write_submission(target), preds.write_csv(probabilities)], len(preds.ids)
+    written = [preds.write_csv(target)] if fmt != "dlmi" else []
+    if fmt == "dlmi":
+        probabilities = target.with_name(f"{target.stem}_probabilities.csv")
+        written = [preds.write_submission(target), preds.write_csv(probabilities)]
+    if cfg.get("alpha") is not None:
+        written.append(_write_calibrated(run, preds, target, cfg["alpha"], cfg.get("refer_target", 0.95)))
+    return written, len(preds.ids)
+
+
+def _write_calibrated(run: SavedRun, preds: Any, target: Path, alpha: float, refer_target: float) -> Path:
+    """``<output>_calibrated.csv``: probability, calibrated probability, prediction set and refer flag."""
+    import numpy as np
+
+    from milcell._utils import write_dict_csv
+
+    calibration = run.calibration
+    assert calibration is not None  # checked by predict_command before predicting
+    mean = np.mean(np.stack(preds.fold_probabilities).astype(np.float64), axis=0)
+    rows = calibration.rows(preds.ids, mean, run.class_names, alpha=alpha, target=refer_target)
+    path = target.with_name(f"{target.stem}_calibrated.csv")
+    write_dict_csv(rows, path)
+    return path

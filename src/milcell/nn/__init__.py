@@ -29,12 +29,16 @@ from milcell import _lazy
 _LAZY_NAMES = {
     "BACKBONE_PRESETS": "milcell.nn.backbones",
     "Backbone": "milcell.nn.backbones",
+    "BackbonePreset": "milcell.nn.backbones",
     "backbone_stages": "milcell.nn.backbones",
     "create_backbone": "milcell.nn.backbones",
+    "get_backbone_preset": "milcell.nn.backbones",
     "list_backbones": "milcell.nn.backbones",
     "load_backbone_weights": "milcell.nn.backbones",
+    "register_backbone_preset": "milcell.nn.backbones",
     "set_trainable": "milcell.nn.backbones",
     "InstanceEncoder": "milcell.nn.encoder",
+    "MLPEncoder": "milcell.nn.encoder",
     "ClinicalMLP": "milcell.nn.fusion",
     "ConcatFusion": "milcell.nn.fusion",
     "FusionHead": "milcell.nn.fusion",
@@ -64,11 +68,12 @@ _LAZY_NAMES = {
     "masked_softmax": "milcell.nn.pooling",
     "register_pooling": "milcell.nn.pooling",
 }
-_SUBMODULES = ("backbones", "encoder", "fusion", "mini_resnet", "model", "pooling")
+_SUBMODULES = ("backbones", "dinobloom", "encoder", "fusion", "mini_resnet", "model", "pooling")
 __getattr__, __dir__ = _lazy.attach(__name__, _LAZY_NAMES, _SUBMODULES)
 
 if TYPE_CHECKING:
     from milcell.nn import backbones as backbones
+    from milcell.nn import dinobloom as dinobloom
     from milcell.nn import encoder as encoder
     from milcell.nn import fusion as fusion
     from milcell.nn import mini_resnet as mini_resnet
@@ -77,13 +82,16 @@ if TYPE_CHECKING:
     from milcell.nn.backbones import (
         BACKBONE_PRESETS,
         Backbone,
+        BackbonePreset,
         backbone_stages,
         create_backbone,
+        get_backbone_preset,
         list_backbones,
         load_backbone_weights,
+        register_backbone_preset,
         set_trainable,
     )
-    from milcell.nn.encoder import InstanceEncoder
+    from milcell.nn.encoder import InstanceEncoder, MLPEncoder
     from milcell.nn.fusion import (
         ClinicalMLP,
         ConcatFusion,
@@ -118,6 +126,7 @@ __all__ = [
     "BACKBONE_PRESETS",
     "AttentionPooling",
     "Backbone",
+    "BackbonePreset",
     "ClinicalMLP",
     "ConcatFusion",
     "ConvPooling",
@@ -132,6 +141,7 @@ __all__ = [
     "MILModel",
     "MILOutput",
     "MILPooling",
+    "MLPEncoder",
     "MaxPooling",
     "MeanPooling",
     "MiniResNet",
@@ -142,12 +152,14 @@ __all__ = [
     "create_fusion",
     "create_mil_model",
     "create_pooling",
+    "get_backbone_preset",
     "list_backbones",
     "list_fusions",
     "list_poolings",
     "load_backbone_weights",
     "masked_softmax",
     "mil_loss",
+    "register_backbone_preset",
     "register_fusion",
     "register_pooling",
     "set_trainable",

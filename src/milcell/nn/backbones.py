@@ -23,6 +23,16 @@ works and never unpickles code; torchvision's GoogLeNet and Inception-v3
 ImageNet files load as they are (their auxiliary-classifier keys are dropped,
 and ``transform_input=True`` is set as torchvision does for these weights).
 
+**Presets with their own weights.** A preset registered with
+:func:`register_backbone_preset` (a name for a timm architecture, its keyword
+arguments, its data config and, optionally, a local weights file) is built by
+:func:`create_backbone` like a built-in name; ``pretrained=True`` then loads the
+preset's file. The DinoBloom blood-cell encoders (``"dinobloom_s"``, ``_b``,
+``_l``, ``_g``; :mod:`milcell.nn.dinobloom`) are registered this way; their
+released files (DINOv2 training checkpoints) are passed with
+``checkpoint_path``. A DINOv2-layout checkpoint (``{"teacher": ...}``,
+``backbone.`` prefix) loads into any timm DINOv2 ViT, its keys mapped to timm's.
+
 **Trainable parts.** ``trainable="all"`` trains everything; ``trainable="head"`` freezes every
 backbone parameter (a frozen feature extractor: only the pooling and head on
 top train, and features may be cached); an int ``k`` leaves only the last
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import socket
@@ -52,6 +63,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +76,19 @@ from torch import Tensor, nn
 import milcell.nn.mini_resnet  # noqa: F401  (registers the mini-ResNet models with timm)
 from milcell._validation import check_choice, check_int, constraint_error
 from milcell.exceptions import CheckpointError, ConfigError
+from milcell.nn.dinobloom import DINOBLOOM_MODELS, DINOBLOOM_URLS, dinov2_to_timm, is_dinov2_layout
 
 __all__ = [
     "BACKBONE_PRESETS",
     "NETWORK_PROBE_TIMEOUT_S",
     "Backbone",
+    "BackbonePreset",
     "backbone_stages",
     "create_backbone",
+    "get_backbone_preset",
     "list_backbones",
     "load_backbone_weights",
+    "register_backbone_preset",
     "set_trainable",
 ]
 
@@ -121,7 +137,7 @@ NETWORK_PROBE_TIMEOUT_S = 5.0
 
 
 def list_backbones() -> list[str]:
-    """Sorted preset names (any other timm model name, or ``"torchvision/<name>"``, also works).
+    """Sorted preset names, registered ones included (any timm name or ``"torchvision/<name>"`` works too).
 
     Returns
     -------
@@ -214,6 +230,302 @@ def _check_timm_name(name: str) -> None:
             f"create_backbone: unknown backbone name {name!r}; did you mean one of: {_suggest(name)} "
             "(timm.list_models() lists all; torchvision models take the 'torchvision/' prefix)"
         )
+
+
+# --------------------------------------------------------------------------------------------- presets
+_LAYOUTS = ("auto", "timm", "dinov2")
+_DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named backbone: a timm architecture, its keyword arguments, data config and weights file.
+
+    Made by :func:`register_backbone_preset` (and, for the DinoBloom encoders,
+    by milcell itself); read with :func:`get_backbone_preset`.
+
+    Attributes
+    ----------
+    name : str
+        The preset's name, as given to :func:`create_backbone`.
+    architecture : str
+        The timm model it builds (e.g. ``"vit_small_patch14_dinov2"``).
+    timm_kwargs : dict
+        Keyword arguments for ``timm.create_model`` (those given to
+        :func:`create_backbone` take precedence).
+    data_config : dict
+        Overrides of timm's data config (``input_size``, ``mean``, ``std``,
+        ``interpolation``, ``crop_pct``, ``crop_mode``).
+    checkpoint_path : str or None
+        The local weights file that ``pretrained=True`` loads.
+    layout : {"auto", "timm", "dinov2"}
+        Key layout of weights files (``"auto"`` detects a DINOv2 checkpoint).
+    description : str
+        One line for :func:`list_backbones` / ``milcell info``.
+    download : str or None
+        Where the weights are published (named when ``pretrained=True`` has no file).
+
+    Examples
+    --------
+    >>> get_backbone_preset("dinobloom_s").architecture
+    'vit_small_patch14_dinov2'
+    """
+
+    name: str
+    architecture: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_config: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None
+    layout: str = "auto"
+    description: str = ""
+    download: str | None = None
+
+
+_PRESETS: dict[str, BackbonePreset] = {}
+
+
+def get_backbone_preset(name: str) -> BackbonePreset | None:
+    """The registered preset called ``name``, or None for a plain timm / torchvision name.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    BackbonePreset or None
+
+    Examples
+    --------
+    >>> get_backbone_preset("dinobloom_b").timm_kwargs["img_size"], get_backbone_preset("resnet18")
+    (224, None)
+    """
+    return _PRESETS.get(name) if isinstance(name, str) else None
+
+
+def _check_preset_data_config(name: str, data_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    from milcell.data.transforms import resolve_data_config
+
+    config = dict(data_config or {})
+    unknown = sorted(set(config) - set(_DATA_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"register_backbone_preset({name!r}): unknown data_config keys {unknown}; "
+            f"allowed: {', '.join(_DATA_CONFIG_KEYS)}"
+        )
+    for key in ("input_size", "mean", "std"):
+        if key in config:
+            config[key] = tuple(config[key])
+    probe = dict(config)  # mean and std are per channel: 3 unless input_size says otherwise
+    probe.pop("crop_mode", None)
+    try:
+        resolve_data_config(probe)
+    except ConfigError as exc:
+        raise ConfigError(f"register_backbone_preset({name!r}): {exc}") from None
+    return config
+
+
+def register_backbone_preset(
+    name: str,
+    architecture: str,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    *,
+    data_config: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    layout: str = "auto",
+    overwrite: bool = False,
+    **timm_kwargs: Any,
+) -> BackbonePreset:
+    """Register a timm architecture (and optionally a local checkpoint of it) under a name.
+
+    The name then works wherever a backbone name does: :func:`create_backbone`,
+    :func:`~milcell.nn.model.create_mil_model`, :func:`list_backbones` (and
+    ``milcell info``), and ``--backbone`` of the command when it runs in the
+    same process (``milcell.cli.main([...])`` after registering). Presets live
+    in the process: register them again (e.g. in a module your scripts import)
+    before loading a saved run that uses one.
+
+    Parameters
+    ----------
+    name : str
+        The new name. It must not be a timm model name, start with
+        ``"torchvision/"``, or be registered already (unless ``overwrite``).
+    architecture : str
+        A timm model name (``timm.list_models()``), e.g. ``"vit_small_patch14_dinov2"``.
+    checkpoint_path : path or None, default None
+        Local weights that ``create_backbone(name, pretrained=True)`` loads
+        (safetensors, or a torch file read with ``weights_only=True``; timm
+        key names, or a DINOv2 checkpoint, see ``layout``). It must exist now.
+        A ``checkpoint_path`` given to :func:`create_backbone` replaces it.
+    data_config : mapping or None, default None
+        Preprocessing of the weights, overriding timm's defaults for the
+        architecture: ``input_size`` ``(C, H, W)``, ``mean``, ``std``,
+        ``interpolation``, ``crop_pct``, ``crop_mode``.
+    description : str or None, default None
+        One line for :func:`list_backbones` / ``milcell info``.
+    layout : {"auto", "timm", "dinov2"}, default "auto"
+        Key layout of the weights: ``"timm"`` as they are, ``"dinov2"``
+        through :func:`~milcell.nn.dinobloom.dinov2_to_timm`, ``"auto"``
+        detects a DINOv2 checkpoint.
+    overwrite : bool, default False
+        Replace a preset registered earlier under ``name``.
+    **timm_kwargs
+        Keyword arguments for ``timm.create_model`` (``img_size=224``,
+        ``embed_dim=...``); checked now by building the model on the ``meta``
+        device (no memory, no weights).
+
+    Returns
+    -------
+    BackbonePreset
+
+    Raises
+    ------
+    ConfigError
+        A bad name, architecture, keyword argument, data config or layout.
+    CheckpointError
+        ``checkpoint_path`` is not a file.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from safetensors.torch import save_file
+    >>> src = create_backbone("milcell_mini_resnet", width=4)
+    >>> path = os.path.join(tempfile.mkdtemp(), "lab_encoder.safetensors")
+    >>> save_file(src.model.state_dict(), path)
+    >>> _ = register_backbone_preset("lab_cells_v1", "milcell_mini_resnet", path, width=4,
+    ...                              data_config={"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+    >>> net = create_backbone("lab_cells_v1", pretrained=True)
+    >>> net.name, net.num_features, net.data_config["std"], "lab_cells_v1" in list_backbones()
+    ('lab_cells_v1', 32, (0.25, 0.25, 0.25), True)
+    >>> torch.equal(net.model.conv1.weight, src.model.conv1.weight)
+    True
+    """
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise constraint_error("register_backbone_preset: name", "a non-empty string without spaces", name)
+    if name.startswith(TORCHVISION_PREFIX) or name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise ConfigError(f"register_backbone_preset: name {name!r} uses a reserved prefix")
+    if timm.is_model(name.split(".")[0]):
+        raise ConfigError(
+            f"register_backbone_preset: {name!r} is a timm model name; choose another name for the preset"
+        )
+    overwrite = bool(check_choice(overwrite, "register_backbone_preset: overwrite", (True, False)))
+    if name in _PRESETS and not overwrite:
+        raise ConfigError(
+            f"register_backbone_preset: {name!r} is registered already; pass overwrite=True to replace it"
+        )
+    if name in BACKBONE_PRESETS and name not in _PRESETS:
+        raise ConfigError(f"register_backbone_preset: {name!r} is a built-in backbone name")
+    if not isinstance(architecture, str) or architecture.startswith(TORCHVISION_PREFIX):
+        raise constraint_error("register_backbone_preset: architecture", "a timm model name", architecture)
+    if architecture in _PRESETS:
+        raise ConfigError(
+            f"register_backbone_preset: architecture {architecture!r} is itself a preset; "
+            "name its timm architecture instead"
+        )
+    _check_timm_name(architecture)
+    layout = str(check_choice(layout, "register_backbone_preset: layout", _LAYOUTS))
+    config = _check_preset_data_config(name, data_config)
+    path = None
+    if checkpoint_path is not None:
+        file = Path(checkpoint_path).expanduser()
+        if not file.is_file():
+            raise CheckpointError(
+                f"register_backbone_preset({name!r}): checkpoint file {str(file)!r} does not exist"
+            )
+        path = str(file.resolve())
+    kwargs = dict(timm_kwargs)
+    if "num_classes" in kwargs:
+        raise ConfigError(
+            "register_backbone_preset: num_classes does not apply (a backbone has no classifier)"
+        )
+    with torch.device("meta"):  # validates the keyword arguments without allocating the weights
+        _create_timm(architecture, False, 3, dict(kwargs))
+    preset = BackbonePreset(
+        name=name,
+        architecture=architecture,
+        timm_kwargs=kwargs,
+        data_config=config,
+        checkpoint_path=path,
+        layout=layout,
+        description=description or f"registered preset: {architecture}" + (f" with {path}" if path else ""),
+    )
+    _PRESETS[name] = preset
+    BACKBONE_PRESETS[name] = preset.description
+    logger.info("registered backbone preset %r (%s)", name, architecture)
+    return preset
+
+
+def _register_dinobloom() -> None:
+    for name, (architecture, width, paper) in DINOBLOOM_MODELS.items():
+        description = (
+            f"{paper} blood-cell encoder (Koch et al. 2024), DINOv2 {architecture.split('_')[1]} ViT/14 "
+            f"at 224 px, {width}-d; weights: checkpoint_path={paper}.pth"
+        )
+        _PRESETS[name] = BackbonePreset(
+            name=name,
+            architecture=architecture,
+            timm_kwargs={"img_size": 224, "global_pool": "token"},
+            data_config={
+                "input_size": (3, 224, 224),
+                "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+                "std": timm.data.IMAGENET_DEFAULT_STD,
+                "interpolation": "bicubic",
+                "crop_pct": 1.0,
+                "crop_mode": "center",
+            },
+            layout="auto",
+            description=description,
+            download=DINOBLOOM_URLS[name],
+        )
+        BACKBONE_PRESETS[name] = description
+
+
+_register_dinobloom()
+
+
+def _create_preset(
+    preset: BackbonePreset,
+    pretrained: bool,
+    checkpoint_path: str | os.PathLike[str] | None,
+    in_chans: int,
+    timm_kwargs: dict[str, Any],
+) -> tuple[Backbone, dict[str, Tensor] | None, Path | None]:
+    """Build a preset's network (weights not loaded yet): the backbone, the state to load, its file."""
+    kwargs = {**preset.timm_kwargs, **timm_kwargs}
+    path: Path | None = None
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+    elif pretrained:
+        if preset.checkpoint_path is None:
+            where = f"download it from {preset.download}" if preset.download else "get the weights file"
+            stem = (
+                Path(urllib.parse.urlsplit(preset.download).path).name if preset.download else "weights.pth"
+            )
+            raise CheckpointError(
+                f"create_backbone: the preset {preset.name!r} has no weights milcell can download "
+                f"(timm does not host them); {where} and pass the local file: "
+                f"create_backbone({preset.name!r}, checkpoint_path='{stem}') in Python, "
+                f"--backbone {preset.name} --checkpoint-path {stem} on the command line"
+            )
+        path = Path(preset.checkpoint_path)
+    state = None
+    if path is not None:
+        state, implied = _state_from(_read_checkpoint(path), path, preset.layout)
+        for key, value in implied.items():
+            kwargs.setdefault(key, value)
+    model, num_features, data_config = _create_timm(preset.architecture, False, in_chans, kwargs)
+    for key, value in preset.data_config.items():
+        if key == "input_size" and "img_size" in timm_kwargs:
+            continue  # the caller's img_size sets the input size
+        if key in ("mean", "std") and len(value) != in_chans:
+            value = (sum(value) / len(value),) * in_chans
+        if key == "input_size":
+            value = (in_chans, *tuple(value)[1:])
+        data_config[key] = value
+    backbone = Backbone(
+        model, name=preset.name, num_features=num_features, data_config=data_config, in_chans=in_chans
+    )
+    return backbone, state, path
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -536,8 +848,22 @@ def create_backbone(
     download = pretrained and checkpoint_path is None
     if pretrained and checkpoint_path is not None:
         logger.info("create_backbone(%s): checkpoint_path given, not downloading pretrained weights", name)
+    preset = _PRESETS.get(name)
+    if preset is not None:
+        backbone, preset_state, preset_path = _create_preset(
+            preset, pretrained, checkpoint_path, in_chans, timm_kwargs
+        )
+        if preset_state is not None and preset_path is not None:
+            _load_state(backbone.model, preset_state, preset_path)
+        set_trainable(backbone, trainable)
+        return backbone
     path = None if checkpoint_path is None else Path(checkpoint_path)
-    state = None if path is None else _read_state_dict(path)  # before building: it may configure it
+    state = None  # read before building: it may configure the model
+    if path is not None:
+        state, implied = _state_from(_read_checkpoint(path), path, "auto")
+        if not name.startswith(TORCHVISION_PREFIX):
+            for key, value in implied.items():
+                timm_kwargs.setdefault(key, value)
     if name.startswith(TORCHVISION_PREFIX):
         model, num_features, data_config = _create_torchvision(
             name[len(TORCHVISION_PREFIX) :], download, in_chans, timm_kwargs, checkpoint=state
@@ -554,7 +880,8 @@ def create_backbone(
 
 
 # ------------------------------------------------------------------------------------------- weights
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def _read_checkpoint(path: Path) -> Any:
+    """The object in a weights file (safetensors, or torch with ``weights_only=True``)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -588,7 +915,24 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
                 f"checkpoint file {str(path)!r} is corrupt or not a torch state dict: "
                 f"{type(exc).__name__}: {str(exc)[:200]}"
             ) from exc
-    if isinstance(state, Mapping):
+    return state
+
+
+def _state_from(state: Any, path: Path, layout: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A file's state dict in timm's key layout, and the model settings it implies.
+
+    ``layout`` "dinov2" (or "auto" on a DINOv2 checkpoint) maps the keys with
+    :func:`~milcell.nn.dinobloom.dinov2_to_timm`; otherwise a
+    ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped.
+    """
+    implied: dict[str, Any] = {}
+    if isinstance(state, Mapping) and (layout == "dinov2" or (layout == "auto" and is_dinov2_layout(state))):
+        try:
+            state, implied = dinov2_to_timm(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint file {str(path)!r}: {exc}") from None
+        logger.info("checkpoint %s: DINOv2 layout, keys mapped to timm's", path)
+    elif isinstance(state, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
             inner = state.get(key)
             if isinstance(inner, Mapping) and len(state) <= 3:
@@ -598,7 +942,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"checkpoint file {str(path)!r} does not hold a state dict of named tensors")
-    return dict(state)
+    return dict(state), implied
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The state dict in ``path``, in timm's key layout (a DINOv2 checkpoint is mapped)."""
+    return _state_from(_read_checkpoint(path), path, "auto")[0]
 
 
 def load_backbone_weights(model: nn.Module, checkpoint_path: str | os.PathLike[str]) -> None:
@@ -653,6 +1002,7 @@ def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> No
     auxiliary = [k for k in state if k not in expected and k.split(".")[0] in _AUX_PREFIXES]
     for k in ignored + auxiliary:
         del state[k]
+    _resample_pos_embed(model, state, path)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
@@ -681,6 +1031,32 @@ def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> No
             len(auxiliary),
             heads,
         )
+
+
+def _resample_pos_embed(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Resample a ViT's absolute position embedding in ``state`` to ``model``'s patch grid, in place."""
+    pos = state.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if not isinstance(pos, Tensor) or not isinstance(target, Tensor) or grid is None:
+        return
+    if pos.ndim != 3 or target.ndim != 3 or pos.shape == target.shape or pos.shape[-1] != target.shape[-1]:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    from timm.layers import resample_abs_pos_embed
+
+    patches = pos.shape[1] - prefix
+    side = math.isqrt(patches)
+    if side * side != patches:
+        return  # not a square grid: left to the shape check, which names it
+    state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=prefix)
+    logger.info(
+        "checkpoint %s: position embedding resampled from a %dx%d to a %dx%d patch grid",
+        path,
+        side,
+        side,
+        *grid,
+    )
 
 
 # ----------------------------------------------------------------------------------------- trainable

@@ -17,6 +17,15 @@ name                  head
                       (probabilities), ``p`` from a gating network
 ====================  =====================================================
 
+**One-logit binary heads.** For two classes every head takes
+``one_logit=True``: its last layer (and each expert's) outputs a single logit
+``z`` and the head returns ``logits = [0, z]`` ``(B, 2)``. Then
+``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]`` exactly, and cross-entropy
+on ``[0, z]`` equals binary cross-entropy with logits on ``z``, so metrics,
+ensembles, calibration and saved runs take these logits unchanged;
+:meth:`~milcell.nn.model.MILModel.loss` computes the binary cross-entropy on
+``z`` (with an optional ``pos_weight``).
+
 ``concat``, ``moe`` and ``gated`` take ``use_image`` and ``use_clinical``
 flags, so the image-only and clinical-only ablations are the same class with
 one input switched off (``clinical_dim=0`` also means image-only). The
@@ -37,6 +46,9 @@ Examples
 >>> clinical_only = create_fusion("moe", 8, 3, 2, use_image=False)
 >>> clinical_only(None, torch.rand(4, 3)).logits.shape
 torch.Size([4, 2])
+>>> binary = create_fusion("linear", 8, 0, 2, one_logit=True)
+>>> binary.net[-1].out_features, binary(torch.randn(4, 8), None).logits[:, 0].tolist()
+(1, [0.0, 0.0, 0.0, 0.0])
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -74,6 +87,7 @@ __all__ = [
     "create_fusion",
     "list_fusions",
     "register_fusion",
+    "two_logits",
 ]
 
 logger = logging.getLogger("milcell")
@@ -95,7 +109,7 @@ class FusionOutput(NamedTuple):
     ----------
     logits : Tensor
         ``(B, C)`` class scores for cross-entropy (for ``gated``: the log of
-        the mixed probabilities, float32).
+        the mixed probabilities, float32; for a ``one_logit`` head: ``[0, z]``).
     experts : dict of str to Tensor
         ``(B, C)`` logits of each expert by name (``"image"``, ``"clinical"``)
         for heads that have experts, never detached, so a loss can add
@@ -190,6 +204,26 @@ def list_fusions() -> list[str]:
     return _FUSIONS.names()
 
 
+def two_logits(z: Tensor) -> Tensor:
+    """``(B, 1)`` one-logit scores ``z`` → ``(B, 2)`` logits ``[0, z]`` (``softmax`` gives ``sigmoid(z)``).
+
+    A ``(B, 2)`` input is returned as it is.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[-1.0], [2.0]])
+    >>> two_logits(z).tolist()
+    [[0.0, -1.0], [0.0, 2.0]]
+    >>> torch.allclose(two_logits(z).softmax(dim=1)[:, 1], torch.sigmoid(z[:, 0]))
+    True
+    """
+    if z.ndim != 2 or z.shape[1] not in (1, 2):
+        raise ShapeError(f"two_logits: z must have shape (B, 1), got {tuple(z.shape)}")
+    if z.shape[1] == 2:
+        return z
+    return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
 def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
@@ -262,6 +296,10 @@ class FusionHead(nn.Module):
         Use the image input (switched off automatically if ``in_dim == 0``).
     use_clinical : bool, default True
         Use the clinical input (switched off automatically if ``clinical_dim == 0``).
+    one_logit : bool, default False
+        Binary problems (``num_classes == 2``) only: the last layer outputs
+        one logit ``z`` and the head returns ``[0, z]`` (see the module
+        docstring).
 
     Attributes
     ----------
@@ -271,6 +309,11 @@ class FusionHead(nn.Module):
     use_image, use_clinical : bool
         The inputs this head really reads; a model passes ``clinical`` only
         when ``use_clinical`` is True, and a switched-off input may be ``None``.
+    one_logit : bool
+        As given.
+    out_features : int
+        Width of the last layer (and of each expert's): 1 with ``one_logit``,
+        else ``num_classes``.
 
     Examples
     --------
@@ -289,11 +332,20 @@ class FusionHead(nn.Module):
         num_classes: int,
         use_image: bool = True,
         use_clinical: bool = True,
+        one_logit: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim = check_int(in_dim, "in_dim", low=0)
         self.clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
         self.num_classes = check_int(num_classes, "num_classes", low=2)
+        if not isinstance(one_logit, (bool, np.bool_)):
+            raise ConfigError(f"one_logit must be a bool, got {one_logit!r}")
+        self.one_logit = bool(one_logit)
+        if self.one_logit and self.num_classes != 2:
+            raise ConfigError(
+                f"one_logit=True is for binary problems (num_classes=2), got num_classes={self.num_classes}"
+            )
+        self.out_features = 1 if self.one_logit else self.num_classes
         self.use_image = bool(use_image) and self.in_dim > 0
         self.use_clinical = bool(use_clinical) and self.clinical_dim > 0
         if not (self.use_image or self.use_clinical):
@@ -365,7 +417,12 @@ class FusionHead(nn.Module):
             (:func:`milcell.checks`).
         """
         image, clinical = self._inputs(image, clinical)
-        return self._fuse(image, clinical)
+        out = self._fuse(image, clinical)
+        if not self.one_logit:
+            return out
+        return FusionOutput(
+            two_logits(out.logits), {k: two_logits(v) for k, v in out.experts.items()}, out.gate
+        )
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
         raise NotImplementedError
@@ -374,6 +431,7 @@ class FusionHead(nn.Module):
         return (
             f"in_dim={self.in_dim}, clinical_dim={self.clinical_dim}, num_classes={self.num_classes}, "
             f"use_image={self.use_image}, use_clinical={self.use_clinical}"
+            + (", one_logit=True" if self.one_logit else "")
         )
 
 
@@ -396,6 +454,8 @@ class LinearHead(FusionHead):
         Hidden sizes; ``()`` is a single linear layer.
     dropout : float, default 0.0
         Dropout after each hidden ReLU.
+    one_logit : bool, default False
+        One output logit ``z``, logits ``[0, z]`` (binary only).
 
     Examples
     --------
@@ -414,9 +474,12 @@ class LinearHead(FusionHead):
         num_classes: int,
         hidden: HiddenSizes = (),
         dropout: float = 0.0,
+        one_logit: bool = False,
     ) -> None:
-        super().__init__(in_dim, clinical_dim, num_classes, use_image=True, use_clinical=False)
-        self.net = _mlp(self.in_dim, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
+        super().__init__(
+            in_dim, clinical_dim, num_classes, use_image=True, use_clinical=False, one_logit=one_logit
+        )
+        self.net = _mlp(self.in_dim, _check_hidden(hidden), self.out_features, _check_dropout(dropout))
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
         assert image is not None
@@ -442,6 +505,8 @@ class ConcatFusion(FusionHead):
         Dropout after each hidden ReLU.
     use_image, use_clinical : bool, default True
         Input switches for the ablations.
+    one_logit : bool, default False
+        One output logit ``z``, logits ``[0, z]`` (binary only).
 
     Examples
     --------
@@ -462,10 +527,11 @@ class ConcatFusion(FusionHead):
         dropout: float = 0.0,
         use_image: bool = True,
         use_clinical: bool = True,
+        one_logit: bool = False,
     ) -> None:
-        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical)
+        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical, one_logit)
         width = (self.in_dim if self.use_image else 0) + (self.clinical_dim if self.use_clinical else 0)
-        self.net = _mlp(width, _check_hidden(hidden), self.num_classes, _check_dropout(dropout))
+        self.net = _mlp(width, _check_hidden(hidden), self.out_features, _check_dropout(dropout))
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
         if image is None:  # clinical only: follow the module's dtype (clinical may come as float64)
@@ -489,18 +555,19 @@ class _ExpertHead(FusionHead):
         dropout: float,
         use_image: bool,
         use_clinical: bool,
+        one_logit: bool = False,
     ) -> None:
-        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical)
+        super().__init__(in_dim, clinical_dim, num_classes, use_image, use_clinical, one_logit)
         dropout = _check_dropout(dropout)
         self.image_expert = (
-            _mlp(self.in_dim, _check_hidden(image_hidden, "image_hidden"), self.num_classes, dropout)
+            _mlp(self.in_dim, _check_hidden(image_hidden, "image_hidden"), self.out_features, dropout)
             if self.use_image
             else None
         )
         self.clinical_expert = (
             ClinicalMLP(
                 self.clinical_dim,
-                self.num_classes,
+                self.out_features,
                 _check_hidden(clinical_hidden, "clinical_hidden"),
                 dropout,
             )
@@ -552,6 +619,9 @@ class MoEFusion(_ExpertHead):
         Stop the combiner's gradients from reaching the experts.
     use_image, use_clinical : bool, default True
         Input switches for the ablations.
+    one_logit : bool, default False
+        Binary only: each expert and the combiner output one logit (the
+        combiner sees the experts' logits ``z``); logits ``[0, z]``.
 
     Examples
     --------
@@ -576,6 +646,7 @@ class MoEFusion(_ExpertHead):
         detach_experts: bool = False,
         use_image: bool = True,
         use_clinical: bool = True,
+        one_logit: bool = False,
     ) -> None:
         super().__init__(
             in_dim,
@@ -586,13 +657,14 @@ class MoEFusion(_ExpertHead):
             dropout,
             use_image,
             use_clinical,
+            one_logit,
         )
         self.detach_experts = bool(detach_experts)
         n_experts = int(self.use_image) + int(self.use_clinical)
         self.combiner = _mlp(
-            n_experts * self.num_classes,
+            n_experts * self.out_features,
             _check_hidden(combiner_hidden, "combiner_hidden"),
-            self.num_classes,
+            self.out_features,
             0.0,
         )
 
@@ -649,6 +721,10 @@ class GatedFusion(_ExpertHead):
         informative.
     use_image, use_clinical : bool, default True
         Input switches for the ablations.
+    one_logit : bool, default False
+        Binary only: each expert outputs one logit (its probability is
+        ``sigmoid``), and the head returns ``[0, z]`` with ``z`` the
+        log-odds of the mixed probability.
 
     Examples
     --------
@@ -674,6 +750,7 @@ class GatedFusion(_ExpertHead):
         detach_experts: bool = False,
         use_image: bool = True,
         use_clinical: bool = True,
+        one_logit: bool = False,
     ) -> None:
         super().__init__(
             in_dim,
@@ -684,6 +761,7 @@ class GatedFusion(_ExpertHead):
             dropout,
             use_image,
             use_clinical,
+            one_logit,
         )
         self.summary_dim = check_int(summary_dim, "summary_dim", low=1)
         self.detach_experts = bool(detach_experts)
@@ -697,8 +775,12 @@ class GatedFusion(_ExpertHead):
 
     def _fuse(self, image: Tensor | None, clinical: Tensor | None) -> FusionOutput:
         experts = self._experts(image, clinical)
+        if self.one_logit:  # [0, z]: the experts' softmax is their sigmoid
+            experts = {k: two_logits(v) for k, v in experts.items()}
         if self.gate is None or self.summary is None:
             (only,) = experts.values()
+            if self.one_logit:
+                return FusionOutput(only[:, 1:].float(), experts, None)
             return FusionOutput(torch.log_softmax(only.float(), dim=1), experts, None)
         assert image is not None and clinical is not None
         g = self.gate(torch.cat([self.summary(image), clinical], dim=1))
@@ -710,6 +792,8 @@ class GatedFusion(_ExpertHead):
             p_image = torch.softmax(e_image, dim=1)
             p_clinical = torch.softmax(e_clinical, dim=1)
             logits = torch.log((p * p_image + (1 - p) * p_clinical).clamp_min(_TINY))
+            if self.one_logit:  # the log-odds z of the mixture; the base class returns [0, z]
+                logits = logits[:, 1:] - logits[:, :1]
         return FusionOutput(logits, experts, p)
 
     def extra_repr(self) -> str:

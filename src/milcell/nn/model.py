@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from milcell._checks import checks_enabled
-from milcell._validation import check_int, check_real, constraint_error
+from milcell._validation import check_choice, check_int, check_real, constraint_error
 from milcell.data.bag import BagBatch
 from milcell.exceptions import ConfigError, DataError, ShapeError
 from milcell.nn.backbones import create_backbone
-from milcell.nn.encoder import InstanceEncoder
+from milcell.nn.encoder import ENCODERS, InstanceEncoder, create_encoder
 from milcell.nn.fusion import FusionHead, FusionOutput, create_fusion
 from milcell.nn.pooling import (
     _POOLINGS,
@@ -142,9 +142,14 @@ class MILModel(nn.Module):
         A :mod:`milcell.nn.fusion` head mapping ``(B, out_dim)`` and clinical
         ``(B, F)`` to logits; must be ``None`` for a prediction-level pooling.
     encoder : nn.Module or None, default None
-        Maps packed images ``(T, C, H, W)`` to ``(T, D)`` (an
-        :class:`~milcell.nn.encoder.InstanceEncoder`); ``None`` for feature
-        bags, whose instances are already ``(T, D)``.
+        Any module mapping packed instances ``(T, ...)`` to ``(T, D)``:
+        images ``(T, C, H, W)`` through a backbone, feature vectors
+        ``(T, F)`` through an MLP (:class:`~milcell.nn.encoder.MLPEncoder`),
+        ...; wrap it in an :class:`~milcell.nn.encoder.InstanceEncoder` for
+        chunking and checkpointing. Its output width ``D`` is read from its
+        ``num_features`` attribute (give a custom encoder one) and checked
+        against ``pooling.in_dim``. ``None`` for feature bags pooled as they
+        are (instances ``(T, D)``).
     num_classes : int or None, default None
         Number of classes (``>= 2``); inferred from the head (or pooling) when ``None``.
 
@@ -161,6 +166,9 @@ class MILModel(nn.Module):
         ``batch.clinical``.
     prediction_level : bool
         The pooling's ``prediction_level``: its output already is the logits.
+    one_logit : bool
+        The head outputs one logit ``z`` (logits ``[0, z]``): :meth:`loss`
+        is then binary cross-entropy on ``z``.
     config : dict or None
         Builder arguments when made by :func:`create_mil_model`.
 
@@ -242,6 +250,7 @@ class MILModel(nn.Module):
         self.pooling: MILPooling = pooling
         self.head: FusionHead | None = head
         self.num_classes = num_classes
+        self.one_logit: bool = bool(getattr(head, "one_logit", False))
         self.in_dim: int = pooling.in_dim
         self.use_image: bool = head.use_image if head is not None else True
         pool_clin = pooling.use_clinical and self.use_image
@@ -332,8 +341,16 @@ class MILModel(nn.Module):
                     f"MILModel: batch.instances has feature size {x.shape[1]} but the model expects "
                     f"{self.in_dim} (in_dim)"
                 )
-        elif x.ndim != 4:
+        elif getattr(self.encoder, "in_chans", None) is not None and x.ndim != 4:  # an image encoder
             raise ShapeError(f"MILModel: batch.instances must be images (T, C, H, W), got {tuple(x.shape)}")
+        elif isinstance(width := getattr(self.encoder, "in_dim", None), int) and (
+            x.ndim != 2 or x.shape[1] != width
+        ):  # a feature encoder (an MLP)
+            raise ShapeError(f"MILModel: batch.instances must be features (T, {width}), got {tuple(x.shape)}")
+        elif x.ndim < 2:  # any other encoder checks its own input
+            raise ShapeError(
+                f"MILModel: batch.instances must be packed instances (T, ...), got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise ShapeError(f"MILModel: batch.instances must be floating point, got {x.dtype}")
         x = x.to(self._dtype())
@@ -563,10 +580,13 @@ class MILModel(nn.Module):
         class_weights: Tensor | Any | None = None,
         expert_weight: float = 1.0,
         aux_weights: Mapping[str, float] | None = None,
+        pos_weight: float | None = None,
     ) -> Tensor:
         """Scalar training loss of ``output`` for ``batch``: bag loss plus weighted auxiliary losses.
 
-        The bag loss is :func:`mil_loss`. A pooling with auxiliary losses
+        The bag loss is :func:`mil_loss`: cross-entropy, or for a one-logit
+        model (:attr:`one_logit`, logits ``[0, z]``) binary cross-entropy with
+        logits on ``z`` (the same value without ``pos_weight``). A pooling with auxiliary losses
         (:meth:`milcell.nn.pooling.MILPooling.auxiliary_losses`, e.g. CLAM's
         instance clustering) adds ``weight * loss`` for each of them, with
         the pooling's :attr:`~milcell.nn.pooling.MILPooling.aux_loss_weights`
@@ -587,6 +607,9 @@ class MILModel(nn.Module):
         aux_weights : mapping of str to float, optional
             Overrides of the pooling's auxiliary-loss weights, by name
             (``{"instance": 0.0}`` switches that term off).
+        pos_weight : float, optional
+            Binary problems: weight of the positive class's terms of the bag
+            loss (see :func:`mil_loss`).
 
         Returns
         -------
@@ -608,7 +631,14 @@ class MILModel(nn.Module):
         >>> loss.shape, bool(torch.isfinite(loss))
         (torch.Size([]), True)
         """
-        total = mil_loss(output, batch, class_weights=class_weights, expert_weight=expert_weight)
+        total = mil_loss(
+            output,
+            batch,
+            class_weights=class_weights,
+            expert_weight=expert_weight,
+            pos_weight=pos_weight,
+            binary=self.one_logit,
+        )
         weights = self._aux_weights(aux_weights)
         if not any(weights.values()):
             return total
@@ -658,10 +688,13 @@ class MILModel(nn.Module):
         return create_mil_model(**kwargs)
 
 
+_DEFAULT_BACKBONE = "milcell_mini_resnet_k8"
+
+
 # ``feature_dim=`` is the old spelling of ``in_dim=`` (docs/pooling_fusion.rst, "Naming").
 @_renamed_kwargs(feature_dim="in_dim")
 def create_mil_model(
-    backbone: str | None = "milcell_mini_resnet_k8",
+    backbone: str | None = _DEFAULT_BACKBONE,
     pooling: str = "gated_attention",
     fusion: str | None = "linear",
     num_classes: int = 2,
@@ -677,6 +710,9 @@ def create_mil_model(
     backbone_kwargs: Mapping[str, Any] | None = None,
     use_image: bool = True,
     use_clinical: bool = True,
+    encoder: str | None = None,
+    encoder_kwargs: Mapping[str, Any] | None = None,
+    one_logit: bool = False,
 ) -> MILModel:
     """Build a :class:`MILModel` by names.
 
@@ -716,6 +752,24 @@ def create_mil_model(
     use_image, use_clinical : bool, default True
         Input switches for ablations (clinical-only needs a head that takes
         ``use_image=False``: ``concat``, ``moe``, ``gated``).
+    encoder : {None, "mlp"}, default None
+        An instance encoder over feature bags: ``"mlp"`` is
+        :class:`~milcell.nn.encoder.MLPEncoder` (the instance network of
+        attention MIL on precomputed features, Ilse et al. 2018), with
+        ``in_dim`` the width ``F`` of the instances ``(T, F)`` and the
+        pooling on its ``hidden[-1]`` outputs; ``backbone`` must then be
+        None or left at its default (it is recorded as None).
+        ``chunk_size`` and ``checkpointing`` apply to it too. ``None``: the
+        backbone, or no encoder for ``backbone=None``.
+    encoder_kwargs : dict or None
+        Options of the encoder (``hidden``, default ``(256, 128, 64)``;
+        ``dropout``); JSON-serialisable.
+    one_logit : bool, default False
+        Binary problems (``num_classes=2``): the head's last layer outputs a
+        single logit ``z``, the logits are ``[0, z]`` (``softmax`` gives
+        ``sigmoid(z)``) and :meth:`MILModel.loss` is binary cross-entropy
+        on ``z`` (see :mod:`milcell.nn.fusion`). Not for a prediction-level
+        pooling.
 
     Returns
     -------
@@ -735,8 +789,29 @@ def create_mil_model(
     >>> out = m(collate_bags([Bag(torch.randn(4, 8), 3)]))
     >>> out.logits.shape, out.instance_logits.shape
     (torch.Size([1, 5]), torch.Size([1, 4, 5]))
+
+    Attention MIL on precomputed features (Ilse et al. 2018): an instance
+    MLP 256-128-64 with dropout, attention pooling, one logit:
+
+    >>> m = create_mil_model(encoder="mlp", encoder_kwargs={"hidden": (256, 128, 64), "dropout": 0.1},
+    ...                      in_dim=512, pooling="attention", one_logit=True)
+    >>> out = m(collate_bags([Bag(torch.randn(7, 512), 1), Bag(torch.randn(3, 512), 0)]))
+    >>> out.logits.shape, out.logits[:, 0].tolist(), m.pooling.in_dim
+    (torch.Size([2, 2]), [0.0, 0.0], 64)
     """
     num_classes = check_int(num_classes, "num_classes", low=2)
+    if encoder is not None:
+        check_choice(encoder, "encoder", ENCODERS)
+        if backbone not in (None, _DEFAULT_BACKBONE):
+            raise ConfigError(
+                f"create_mil_model: encoder={encoder!r} encodes feature bags; backbone={backbone!r} would "
+                "encode images: pass backbone=None (or leave it out)"
+            )
+        backbone = None
+    elif encoder_kwargs:
+        raise ConfigError(f"create_mil_model: encoder_kwargs={dict(encoder_kwargs)} given without an encoder")
+    if not isinstance(one_logit, (bool, np.bool_)):
+        raise constraint_error("one_logit", "a bool", one_logit)
     clinical_dim = check_int(clinical_dim, "clinical_dim", low=0)
     if in_dim is not None:
         in_dim = check_int(in_dim, "in_dim", low=1)
@@ -764,6 +839,11 @@ def create_mil_model(
         "use_image": use_image,
         "use_clinical": use_clinical,
     }
+    if encoder is not None:  # recorded only when used, so the configs of earlier models stay the same
+        config["encoder"] = encoder
+        config["encoder_kwargs"] = dict(encoder_kwargs or {})
+    if one_logit:
+        config["one_logit"] = True
     try:
         config = json.loads(json.dumps(config, default=_plain_scalar))
     except (TypeError, ValueError) as exc:
@@ -776,10 +856,20 @@ def create_mil_model(
     if not use_image and clinical_dim == 0:
         raise ConfigError("create_mil_model: use_image=False needs clinical_dim > 0")
 
-    encoder: InstanceEncoder | None = None
+    instance_encoder: InstanceEncoder | None = None
     if backbone is None:
         if in_dim is None:
             raise ConfigError("create_mil_model: in_dim is required when backbone is None (feature bags)")
+        if encoder is not None:
+            instance_encoder = create_encoder(
+                encoder,
+                in_dim,
+                chunk_size=chunk_size,
+                checkpointing=config["checkpointing"],
+                **config["encoder_kwargs"],
+            )
+            assert instance_encoder.num_features is not None
+            in_dim = instance_encoder.num_features
     else:
         net = create_backbone(
             backbone, pretrained=config["pretrained"], trainable=trainable, **config["backbone_kwargs"]
@@ -789,7 +879,7 @@ def create_mil_model(
                 f"create_mil_model: in_dim={in_dim} but backbone {backbone!r} gives "
                 f"{net.num_features} features"
             )
-        encoder = InstanceEncoder(
+        instance_encoder = InstanceEncoder(
             net,
             chunk_size=chunk_size,
             checkpointing=config["checkpointing"],
@@ -800,11 +890,11 @@ def create_mil_model(
     used_clinical = clinical_dim if use_clinical else 0
     pkw = dict(config["pooling_kwargs"])
     factory = _POOLINGS.get(pooling)
-    if getattr(factory, "prediction_level", False):  # its output is the logits: give it the task's shape
-        accepted = inspect.signature(factory).parameters
-        for key, value in (("num_classes", num_classes), ("clinical_dim", used_clinical)):
-            if key in accepted:
-                pkw.setdefault(key, value)
+    accepted = inspect.signature(factory).parameters
+    if "num_classes" in accepted:  # class-aware poolings (CLAM's branches, DSMIL's scores): the task's C
+        pkw.setdefault("num_classes", num_classes)
+    if getattr(factory, "prediction_level", False) and "clinical_dim" in accepted:  # its output is the logits
+        pkw.setdefault("clinical_dim", used_clinical)
     pool = create_pooling(pooling, in_dim, **pkw)
     head: FusionHead | None = None
     if pool.prediction_level:
@@ -815,6 +905,11 @@ def create_mil_model(
             )
         if not use_image:
             raise ConfigError(f"create_mil_model: pooling {pooling!r} needs images (use_image=True)")
+        if one_logit:
+            raise ConfigError(
+                f"create_mil_model: one_logit=True needs a fusion head; pooling {pooling!r} is "
+                "prediction-level (its own classifier gives the logits)"
+            )
     else:
         if fusion is None:
             raise ConfigError(
@@ -823,8 +918,10 @@ def create_mil_model(
         fkw = dict(config["fusion_kwargs"])
         if not use_image:
             fkw.setdefault("use_image", False)
+        if one_logit:
+            fkw["one_logit"] = True
         head = create_fusion(fusion, pool.out_dim, used_clinical, num_classes, **fkw)
-    model = MILModel(pool, head, encoder=encoder, num_classes=num_classes)
+    model = MILModel(pool, head, encoder=instance_encoder, num_classes=num_classes)
     model.config = config
     return model
 
@@ -885,8 +982,18 @@ def mil_loss(
     batch: BagBatch,
     class_weights: Tensor | Any | None = None,
     expert_weight: float = 1.0,
+    pos_weight: float | None = None,
+    binary: bool = False,
 ) -> Tensor:
     """Cross-entropy of a batch, with class weights, soft labels and expert terms.
+
+    Binary problems can use binary cross-entropy with logits on ``z = l_1 -
+    l_0`` instead (``binary=True``, what a one-logit model's
+    :meth:`MILModel.loss` does: its logits are ``[0, z]``), with the
+    positive-class terms scaled by ``pos_weight``, as
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits` computes
+    it. Without ``pos_weight`` it equals the cross-entropy on ``[l_0, l_1]``
+    (``-log softmax = log(1 + e^z) - y z``).
 
     Hard labels: bags labelled ``-1`` (unlabelled) are ignored. Soft labels
     (``batch.soft_labels``, ``(B, C)`` probabilities, e.g. pseudo-labels of
@@ -906,6 +1013,11 @@ def mil_loss(
         ``(C,)`` per-class weights (e.g. inverse frequencies).
     expert_weight : float, default 1.0
         Weight of each expert's auxiliary cross-entropy.
+    pos_weight : float, optional
+        Binary problems only: weight ``> 0`` of the positive class's terms
+        (e.g. ``n_negative / n_positive`` for imbalance); implies ``binary``.
+    binary : bool, default False
+        Binary cross-entropy with logits on ``z = l_1 - l_0`` (two classes only).
 
     Returns
     -------
@@ -923,7 +1035,8 @@ def mil_loss(
     ConfigError
         For malformed ``class_weights`` (checked on the host when given as a
         sequence, an array or a CPU tensor; for a tensor on the accelerator,
-        only its shape unless the checks are on) or a negative ``expert_weight``.
+        only its shape unless the checks are on), a negative ``expert_weight``,
+        or ``binary`` / ``pos_weight`` with more than two classes.
 
     Examples
     --------
@@ -933,6 +1046,8 @@ def mil_loss(
     >>> out = MILOutput(logits=torch.tensor([[0.0, 0.0], [5.0, -5.0]]), embedding=torch.zeros(2, 2))
     >>> round(mil_loss(out, batch).item(), 4)   # only the labelled bag counts: log 2
     0.6931
+    >>> round(mil_loss(out, batch, pos_weight=3.0).item(), 4)   # its positive term, 3 times
+    2.0794
     """
     logits = output.logits.float()
     if logits.ndim != 2 or logits.shape[0] != len(batch):
@@ -942,6 +1057,23 @@ def mil_loss(
     num_classes = logits.shape[1]
     expert_weight = check_real(expert_weight, "expert_weight", low=0.0)
     weights = _check_class_weights(class_weights, num_classes, logits.device)
+    binary = bool(binary) or pos_weight is not None
+    pw = 1.0
+    if binary:
+        if num_classes != 2:
+            raise ConfigError(
+                "mil_loss: binary cross-entropy (a one-logit head, pos_weight) needs 2 classes, "
+                f"got {num_classes}"
+            )
+        if pos_weight is not None:
+            pw = check_real(pos_weight, "pos_weight", low=0.0, low_open=True)
+
+    def bce(scores: Tensor, target: Tensor) -> Tensor:
+        """Per-bag binary cross-entropy with logits on ``z = l_1 - l_0``, class- and pos-weighted."""
+        z = scores[:, 1].float() - scores[:, 0].float()
+        w0, w1 = (1.0, 1.0) if weights is None else (weights[0], weights[1])
+        return -(w1 * pw * target * F.logsigmoid(z) + w0 * (1.0 - target) * F.logsigmoid(-z))
+
     checking = checks_enabled()
     if batch.soft_labels is not None:
         target = batch.soft_labels.to(device=logits.device, dtype=torch.float32)
@@ -956,6 +1088,8 @@ def mil_loss(
                 raise DataError("mil_loss: each row of batch.soft_labels must sum to 1")
 
         def ce(scores: Tensor) -> Tensor:
+            if binary:
+                return bce(scores, target[:, 1]).mean()
             return F.cross_entropy(scores.float(), target, weight=weights)
 
     else:
@@ -980,9 +1114,12 @@ def mil_loss(
         total_weight = total_weight.clamp_min(torch.finfo(torch.float32).tiny)
 
         def ce(scores: Tensor) -> Tensor:
-            per_bag = F.cross_entropy(
-                scores.float(), labels, weight=weights, ignore_index=-1, reduction="none"
-            )
+            if binary:
+                per_bag = torch.where(labelled, bce(scores, labels.clamp_min(0).float()), 0.0)
+            else:
+                per_bag = F.cross_entropy(
+                    scores.float(), labels, weight=weights, ignore_index=-1, reduction="none"
+                )
             return per_bag.sum() / total_weight
 
     total = ce(logits)

@@ -35,6 +35,11 @@ _LAZY_NAMES = {
     "FitResult": "milcell.train.fit",
     "fit_model": "milcell.train.fit",
     "predict": "milcell.train.inference",
+    "CSVLogger": "milcell.train.loggers",
+    "MLflowLogger": "milcell.train.loggers",
+    "RunLogger": "milcell.train.loggers",
+    "TensorBoardLogger": "milcell.train.loggers",
+    "make_loggers": "milcell.train.loggers",
     "NoisyStudentResult": "milcell.train.noisy_student",
     "PseudoLabelledDataset": "milcell.train.noisy_student",
     "noisy_student": "milcell.train.noisy_student",
@@ -53,6 +58,7 @@ _SUBMODULES = (
     "features",
     "fit",
     "inference",
+    "loggers",
     "noisy_student",
     "trainer",
 )
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
     from milcell.train import features as features
     from milcell.train import fit as fit
     from milcell.train import inference as inference
+    from milcell.train import loggers as loggers
     from milcell.train import trainer as trainer
     from milcell.train.callbacks import Callback, LambdaCallback
     from milcell.train.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -77,10 +84,12 @@ if TYPE_CHECKING:
     from milcell.train.features import extract_features
     from milcell.train.fit import FitResult, fit_model
     from milcell.train.inference import Predictions, predict
+    from milcell.train.loggers import CSVLogger, MLflowLogger, RunLogger, TensorBoardLogger, make_loggers
     from milcell.train.noisy_student import NoisyStudentResult, PseudoLabelledDataset, noisy_student
     from milcell.train.trainer import MILModelLike, MILOutputLike, Trainer, write_history_csv
 
 __all__ = [
+    "CSVLogger",
     "CVResult",
     "Callback",
     "Checkpoint",
@@ -88,10 +97,13 @@ __all__ = [
     "LambdaCallback",
     "MILModelLike",
     "MILOutputLike",
+    "MLflowLogger",
     "NoisyStudentResult",
     "OOFPredictions",
     "Predictions",
     "PseudoLabelledDataset",
+    "RunLogger",
+    "TensorBoardLogger",
     "Trainer",
     "cleanup_distributed",
     "cross_validate",
@@ -102,6 +114,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "make_loader",
+    "make_loggers",
     "noisy_student",
     "predict",
     "predict_ensemble",

@@ -1,9 +1,10 @@
-"""Trainer callbacks: plain objects with ``on_batch_end`` / ``on_epoch_end`` hooks.
+"""Trainer callbacks: plain objects with ``on_fit_start/on_batch_end/on_epoch_end/on_fit_end`` hooks.
 
 A callback receives the :class:`~milcell.train.Trainer` and a ``logs`` dict of
 floats. It may set ``trainer.should_stop = True`` to end training after the
-current epoch. Any object with one or both methods works; subclassing
-:class:`Callback` only saves writing the other one.
+current epoch. Any object with some of these methods works; subclassing
+:class:`Callback` only saves writing the others. The experiment loggers of
+:mod:`milcell.train.loggers` are callbacks.
 
 Examples
 --------
@@ -31,11 +32,17 @@ class Callback:
     True
     """
 
+    def on_fit_start(self, trainer: Any, logs: Mapping[str, float]) -> None:
+        """Called when ``fit`` starts, with ``epoch`` (the epoch resumed after; 0 for a new run)."""
+
     def on_batch_end(self, trainer: Any, logs: Mapping[str, float]) -> None:
         """Called after every training batch with ``epoch``, ``batch``, ``loss``, ``lr``."""
 
     def on_epoch_end(self, trainer: Any, logs: Mapping[str, float]) -> None:
         """Called after every epoch with the row written to ``metrics.csv``."""
+
+    def on_fit_end(self, trainer: Any, logs: Mapping[str, float]) -> None:
+        """Called when ``fit`` ends (also after early stopping), with ``epoch`` and ``best_epoch``."""
 
 
 class LambdaCallback(Callback):

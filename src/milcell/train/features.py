@@ -61,6 +61,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,15 @@ from milcell.exceptions import CacheError, ConfigError, DataError, LockError, Sh
 from milcell.nn.encoder import encode_in_chunks
 from milcell.train.inference import _check_precision, autocast
 
-__all__ = ["FEATURES_NAME", "MANIFEST_NAME", "cache_key", "extract_features", "state_dict_hash"]
+__all__ = [
+    "FEATURES_NAME",
+    "MANIFEST_NAME",
+    "FeatureCache",
+    "cache_key",
+    "extract_features",
+    "read_feature_cache",
+    "state_dict_hash",
+]
 
 logger = logging.getLogger("milcell")
 
@@ -228,8 +237,8 @@ def _digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> tuple[FeatureBagDataset | None, str]:
-    """The cached features if the cache is complete, intact and matches ``key``; else None and why."""
+def _read_manifest(cache_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The cache's manifest (with ``key``, ``digest``, ``size``), or None and why not."""
     manifest_path = cache_dir / MANIFEST_NAME
     features_path = cache_dir / FEATURES_NAME
     if not manifest_path.is_file():
@@ -238,14 +247,19 @@ def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> tuple[FeatureBagData
         return None, "empty"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        saved_key, digest, size = manifest["key"], manifest["digest"], int(manifest["size"])
+        if not isinstance(manifest["key"], dict) or not isinstance(manifest["digest"], str):
+            raise TypeError("'key' must be an object and 'digest' a string")
+        manifest["size"] = int(manifest["size"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         return None, f"unreadable manifest {manifest_path} ({exc})"
-    expected_digest = _digest(key)
-    if not isinstance(saved_key, dict) or digest != expected_digest or saved_key != key:
-        saved = saved_key if isinstance(saved_key, dict) else {}
-        differ = sorted(k for k in set(key) | set(saved) if saved.get(k) != key.get(k))
-        return None, f"key mismatch in {differ or ['digest']}"
+    return manifest, ""
+
+
+def _read_features(cache_dir: Path, manifest: Mapping[str, Any]) -> tuple[FeatureBagDataset | None, str]:
+    """The features file if it is the one ``manifest`` describes (size, SHA-256, key, ids)."""
+    manifest_path = cache_dir / MANIFEST_NAME
+    features_path = cache_dir / FEATURES_NAME
+    size = manifest["size"]
     if not features_path.is_file() or features_path.stat().st_size != size:
         found = features_path.stat().st_size if features_path.is_file() else "no file"
         return None, f"{FEATURES_NAME} has size {found}, the manifest says {size} (truncated?)"
@@ -264,17 +278,132 @@ def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> tuple[FeatureBagData
         return None, f"unreadable features {features_path} ({exc})"
     # The file carries its own key: a concurrent writer with another backbone may have replaced it
     # between the checks above and the read.
+    digest = manifest["digest"]
     embedded = cached.metadata.get("cache_key")
-    if embedded != expected_digest:
+    if embedded != digest:
         return None, (
             f"{features_path} holds features of another cache key ({str(embedded)[:12]}..., not "
-            f"{expected_digest[:12]}...; written concurrently by another process?)"
+            f"{digest[:12]}...; written concurrently by another process?)"
         )
-    expected_ids = [item[0] for item in key["items"]]
+    expected_ids = [item[0] for item in manifest["key"].get("items", [])]
     if cached.ids != expected_ids:
         return None, f"bag ids of {features_path} differ from the manifest"
-    logger.info("feature cache %s: reused (%d bags, D=%d)", cache_dir, len(cached), cached.dim)
     return cached, ""
+
+
+def _load_valid(cache_dir: Path, key: Mapping[str, Any]) -> tuple[FeatureBagDataset | None, str]:
+    """The cached features if the cache is complete, intact and matches ``key``; else None and why."""
+    manifest, reason = _read_manifest(cache_dir)
+    if manifest is None:
+        return None, reason
+    saved_key = manifest["key"]
+    if manifest["digest"] != _digest(key) or saved_key != key:
+        differ = sorted(k for k in set(key) | set(saved_key) if saved_key.get(k) != key.get(k))
+        return None, f"key mismatch in {differ or ['digest']}"
+    cached, reason = _read_features(cache_dir, manifest)
+    if cached is not None:
+        logger.info("feature cache %s: reused (%d bags, D=%d)", cache_dir, len(cached), cached.dim)
+    return cached, reason
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A feature cache read back from its folder: the features and the key they were made with.
+
+    Attributes
+    ----------
+    path : Path
+        The cache folder.
+    key : dict
+        The cache key (:func:`cache_key`): backbone name and weights hash,
+        preprocessing, precision, and the ``[bag id, [instance names]]`` items.
+    digest : str
+        SHA-256 of the key.
+    dataset : FeatureBagDataset
+        One ``(N_i, D)`` float32 matrix per bag, in the cache's order (no
+        labels or clinical attributes: they belong to the samples, not the cache).
+    """
+
+    path: Path
+    key: dict[str, Any]
+    digest: str
+    dataset: FeatureBagDataset
+
+    @property
+    def backbone(self) -> str:
+        """The name of the backbone that made the features."""
+        return str(self.key.get("backbone"))
+
+    @property
+    def dim(self) -> int:
+        """``D``, the width of the features."""
+        return int(self.dataset.dim)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a model trained on these features depends on: backbone, weights, preprocessing, precision.
+
+        Two caches with the same identity hold comparable features (of possibly different bags).
+        """
+        return {k: self.key.get(k) for k in ("version", "backbone", "weights", "preprocessing", "precision")}
+
+    def instance_names(self) -> dict[str, list[str]]:
+        """``bag id -> the names of the instances`` the cache holds for it."""
+        return {str(item[0]): [str(n) for n in item[1]] for item in self.key.get("items", [])}
+
+
+def read_feature_cache(cache_dir: str | os.PathLike[str]) -> FeatureCache:
+    """Read a cache written by :func:`extract_features` (or ``milcell extract-features``).
+
+    The manifest must be readable, the features file must have the recorded
+    size and SHA-256 and carry the manifest's key digest, and its bag ids
+    must be the manifest's: a cache that is incomplete, corrupt or replaced
+    is refused, never read.
+
+    Parameters
+    ----------
+    cache_dir : path-like
+        The cache folder.
+
+    Returns
+    -------
+    FeatureCache
+
+    Raises
+    ------
+    CacheError
+        The folder holds no usable cache; the message says why and names the file.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from milcell.data import Bag
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = extract_features(torch.nn.Flatten(1), [Bag(torch.rand(2, 3, 4, 4), id="P1")], folder,
+    ...                      progress=False)
+    >>> cache = read_feature_cache(folder)
+    >>> cache.backbone, cache.dim, cache.instance_names()
+    ('Flatten', 48, {'P1': ['#0', '#1']})
+    >>> read_feature_cache(tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    milcell.exceptions.CacheError: feature cache ...: empty (no manifest.json: ...)
+    """
+    directory = Path(cache_dir)
+    manifest, reason = _read_manifest(directory)
+    if manifest is None:
+        if reason == "empty":
+            reason = f"empty (no {MANIFEST_NAME}: write one with extract_features)"
+        raise CacheError(f"feature cache {directory}: {reason}")
+    if manifest["digest"] != _digest(manifest["key"]):
+        raise CacheError(
+            f"feature cache {directory}: the digest in {directory / MANIFEST_NAME} does not match its key "
+            "(edited by hand?)"
+        )
+    cached, reason = _read_features(directory, manifest)
+    if cached is None:
+        raise CacheError(f"feature cache {directory}: {reason}")
+    return FeatureCache(directory, dict(manifest["key"]), str(manifest["digest"]), cached)
 
 
 def _file_sha256(path: Path) -> str:

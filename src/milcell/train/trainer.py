@@ -266,8 +266,10 @@ class Trainer:
         (by rank 0 only). ``None`` writes nothing and keeps the best weights
         in memory.
     callbacks : sequence, optional
-        Objects with ``on_batch_end(trainer, logs)`` and/or
-        ``on_epoch_end(trainer, logs)`` (see :mod:`milcell.train.callbacks`).
+        Objects with any of ``on_fit_start(trainer, logs)``,
+        ``on_batch_end(trainer, logs)``, ``on_epoch_end(trainer, logs)`` and
+        ``on_fit_end(trainer, logs)`` (see :mod:`milcell.train.callbacks`;
+        experiment loggers in :mod:`milcell.train.loggers`).
     progress : bool, default True
         Show a tqdm progress bar per epoch (rank 0 only).
     log_every_n_steps : int, default 50
@@ -283,6 +285,11 @@ class Trainer:
         non-finite gradients (it skips the step), so only the loss is checked.
     class_weights : Tensor, optional
         ``(C,)`` passed to ``model.loss``.
+    pos_weight : float, optional
+        Binary problems: weight ``> 0`` of the positive class's terms of the
+        loss (binary cross-entropy, e.g. ``n_negative / n_positive``), passed
+        to ``model.loss(..., pos_weight=)`` when set (see
+        :meth:`milcell.nn.model.MILModel.loss`).
     seed : int or None, default 0
         At the start of epoch ``e`` the training loader's ``torch.Generator``
         is reseeded with ``seed + e``, so shuffling does not depend on how
@@ -351,6 +358,7 @@ class Trainer:
         progress: bool = True,
         log_every_n_steps: int = 50,
         class_weights: Tensor | None = None,
+        pos_weight: float | None = None,
         seed: int | None = 0,
         restore_best: bool = False,
         threshold: float = 0.5,
@@ -426,6 +434,9 @@ class Trainer:
         self.progress = progress
         self.log_every_n_steps = log_every_n_steps
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
+        self.pos_weight = (
+            None if pos_weight is None else check_real(pos_weight, "pos_weight", low=0.0, low_open=True)
+        )
         self.seed = seed
         self.restore_best = restore_best
         self.threshold = threshold
@@ -457,7 +468,13 @@ class Trainer:
 
     def _loss(self, output: Any, batch: BagBatch) -> Tensor:
         # __init__ checked that the model has a loss method.
-        return cast(MILModelLike, self.model).loss(output, batch, class_weights=self.class_weights)
+        model = cast(MILModelLike, self.model)
+        if self.pos_weight is None:
+            return model.loss(output, batch, class_weights=self.class_weights)
+        loss: Tensor = model.loss(  # type: ignore[call-arg]
+            output, batch, class_weights=self.class_weights, pos_weight=self.pos_weight
+        )
+        return loss
 
     def _to_device(self, batch: BagBatch) -> BagBatch:
         moved = _to_device(batch, self.device)
@@ -571,6 +588,7 @@ class Trainer:
         if resume_from is not None:
             start_epoch = self._resume(Path(resume_from), generators)
         self.should_stop = False
+        self._call("on_fit_start", {"epoch": float(start_epoch)})
         for epoch in range(start_epoch, self.max_epochs):
             self.epoch = epoch + 1
             self._prepare_epoch(train_loader, epoch)
@@ -616,6 +634,7 @@ class Trainer:
                 break
         if self.restore_best and self.best_epoch > 0:
             self.load_best()
+        self._call("on_fit_end", {"epoch": float(self.epoch), "best_epoch": float(self.best_epoch)})
         return self.history
 
     def _prepare_epoch(self, loader: Iterable[Any], epoch: int) -> None:

@@ -9,3 +9,13 @@ See :doc:`/aggregators` for the table of methods and their guarantees.
 """
 
 from __future__ import annotations
+
+from milcell.nn.aggregators import (  # noqa: F401  (importing a module registers its aggregators)
+    acmil,
+    additive,
+    clam,
+    class_attention,
+    dsmil,
+    dtfd,
+    transmil,
+)
