@@ -15,7 +15,7 @@ import yaml
 from milcell.cli import main
 from milcell.data.synthetic import make_cohort
 
-COMMANDS = ["demo", "train", "evaluate", "predict", "extract-features", "info"]
+COMMANDS = ["demo", "train", "evaluate", "predict", "extract-features", "export", "tune", "info"]
 FAST = ["--folds", "2", "--epochs", "1", "--no-progress", "--threads", "1", "--batch-size", "2"]
 
 

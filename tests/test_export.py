@@ -38,7 +38,10 @@ from milcell.nn.model import MILModel, create_mil_model
 from milcell.nn.pooling import _POOLINGS, MILPooling, list_poolings, register_pooling
 from milcell.runs import SavedRun
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),  # deprecated since torch 2.10, still works
+]
 
 SIZES = (1, 7, 198)  # none of them is the traced size (5) nor a size the export checks (1 is, 7/198 not)
 TOL = 1e-4
@@ -387,6 +390,7 @@ def test_export_model_refuses_a_missing_onnx_package(tmp_path: Path, monkeypatch
         export_model(_feature_model("mean"), tmp_path / "m.onnx", format="onnx")
 
 
+@pytest.mark.slow
 def test_import_milcell_export_loads_neither_onnx_nor_onnxruntime() -> None:
     code = "import sys, milcell.export; print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
     done = subprocess.run(
@@ -479,3 +483,15 @@ def test_the_docs_inference_script_runs_on_an_exported_file(tmp_path: Path) -> N
     probs = json.loads(lines[0].replace("'", '"'))
     assert set(probs) == {"reactive", "malignant"} and sum(probs.values()) == pytest.approx(1.0, abs=2e-3)
     assert lines[1].startswith("most attended cells:")
+
+
+def test_cli_export_help_names_the_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    from milcell.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: milcell export") and "RUN" in out and "{onnx,torchscript}" in out
+    assert main(["export", "run", "--format", "tflite"]) == 2
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err

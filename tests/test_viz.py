@@ -512,7 +512,7 @@ def test_reliability_diagram_points_and_counts_match_the_bins(tmp_path: Path) ->
     assert f"raw (ECE {bins.ece:.3f})" in [t.get_text() for t in top.get_legend().get_texts()]
     # A second curve on the same axes (after calibration) adds a line and no count panel.
     plot_reliability_diagram(y, p**2, n_bins=5, label="calibrated", ax=top)
-    assert len(fig.axes) == 2 and len(top.lines) == 4
+    assert len(fig.axes) == 2 and len(top.lines) == 3
     _assert_png(save_figure(fig, tmp_path / "reliability.png", dpi=60))
 
 
@@ -541,3 +541,28 @@ def test_risk_coverage_plot_draws_one_curve_per_score(tmp_path: Path) -> None:
     _assert_png(save_figure(fig, tmp_path / "rc.png", dpi=60))
     with pytest.raises(ConfigError, match="non-empty"):
         plot_risk_coverage({})
+
+
+def test_reliability_diagram_second_call_on_the_same_axes_adds_only_its_curve() -> None:
+    # Regression: a second call on the top axes repeated the "perfect calibration" legend entry and
+    # put an x-label on the top panel (the count panel below carries it).
+    from milcell.viz import plot_reliability_diagram
+
+    rng = np.random.default_rng(1)
+    p = rng.uniform(size=60)
+    y = (rng.uniform(size=60) < p).astype(int)
+    fig = plot_reliability_diagram(y, p, n_bins=4, label="before")
+    top, bottom = fig.axes
+    plot_reliability_diagram(y, np.sqrt(p), n_bins=4, label="after", ax=top)
+    texts = [t.get_text() for t in top.get_legend().get_texts()]
+    assert texts.count("perfect calibration") == 1
+    assert [t.split(" (")[0] for t in texts] == ["perfect calibration", "before", "after"]
+    assert top.get_xlabel() == "" and bottom.get_xlabel() == "Predicted probability of class 1"
+    assert len(fig.axes) == 2 and len(top.lines) == 3
+    # On a user's own single axes the x-label is still set, and the diagonal still drawn once.
+    ax = plt.figure().add_subplot()
+    for probs in (p, np.sqrt(p)):
+        plot_reliability_diagram(y, probs, n_bins=4, ax=ax)
+    assert ax.get_xlabel() == "Predicted probability of class 1"
+    assert [line.get_label() for line in ax.lines].count("perfect calibration") == 1
+    plt.close("all")

@@ -70,10 +70,12 @@ _LAZY_NAMES = {
     "cross_validate": "milcell.train.crossval",
     "extract_features": "milcell.train.features",
 }
-_SUBMODULES = ("data", "metrics", "nn", "registry", "seeding", "train", "viz")
+_SUBMODULES = ("calibration", "conformal", "data", "metrics", "nn", "registry", "seeding", "train", "viz")
 __getattr__, __dir__ = _lazy.attach(__name__, _LAZY_NAMES, _SUBMODULES)
 
 if TYPE_CHECKING:
+    from milcell import calibration as calibration
+    from milcell import conformal as conformal
     from milcell import data as data
     from milcell import metrics as metrics
     from milcell import nn as nn

@@ -364,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help="calibrated runs: write prediction sets at this error rate, the calibrated "
                 "probabilities and a refer flag to <output>_calibrated.csv",
             )
+            add_option(
+                p,
+                "--conformal-score",
+                choices=("lac", "aps"),
+                default="lac",
+                help="with --alpha: conformity score of the prediction sets (lac: smallest sets; aps: "
+                "adaptive, larger sets for uncertain patients)",
+            )
+            add_option(
+                p,
+                "--mondrian",
+                action="store_true",
+                default=False,
+                help="with --alpha: class-conditional sets (the error rate holds within each class)",
+            )
         add_option(p, "--batch-size", type=_positive_int, default=4, help="bags per batch")
         add_option(p, "--precision", choices=PRECISIONS, default="32", help="autocast precision")
         add_option(p, "--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -580,7 +595,7 @@ def _cmd_info(cfg: dict[str, Any]) -> int:
 
 
 def _cmd_demo(cfg: dict[str, Any]) -> int:
-    from milcell._cli.demo import demo_sizes, run_demo, write_demo_figures
+    from milcell._cli.demo import calibration_line, demo_sizes, run_demo, write_demo_figures
 
     _check_model_names(cfg)
     sizes = demo_sizes(cfg)
@@ -596,6 +611,9 @@ def _cmd_demo(cfg: dict[str, Any]) -> int:
         f"cross-validation, {sizes['epochs']} epochs (mean ± std over folds)\n"
     )
     print(result.table, flush=True)  # the table first: plotting comes after it
+    line = calibration_line(record)
+    if line:
+        print(f"\n{line}", flush=True)
     figures = write_demo_figures(result, out)
     seconds = time.perf_counter() - start
     written = ", ".join([*(p.name for p in figures), "results.json", "summary.txt", "config.yaml"])

@@ -54,7 +54,10 @@ Formats: ``"onnx"`` uses PyTorch's TorchScript-based ONNX exporter
 exporter needs the extra ``onnxscript`` package — and needs the ``export``
 extra (``pip install "milcell[export]"``: ``onnx`` and ``onnxruntime``, the
 latter for the check); ``"torchscript"`` uses :func:`torch.jit.trace` and
-needs nothing more (load it with :func:`torch.jit.load`).
+needs nothing more (load it with :func:`torch.jit.load`). PyTorch marks both
+the TorchScript-based ONNX exporter and TorchScript itself as deprecated (they
+warn, and work, in torch 2.14); the ``torch.export``-based path is the way
+forward once they are removed.
 
 Poolings that cannot be exported (:data:`NOT_EXPORTABLE`) raise
 :class:`~milcell.exceptions.ExportError` naming the pooling and the reason.
@@ -481,7 +484,9 @@ def _write_torchscript(
 def _runner(path: Path, format: str) -> Any:
     """A callable ``(inputs...) -> (probabilities, attention, fold_probabilities)`` numpy arrays."""
     if format == "torchscript":
-        module = torch.jit.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            module = torch.jit.load(str(path))
 
         def run_ts(*inputs: Tensor) -> list[np.ndarray]:
             with torch.no_grad():
@@ -576,7 +581,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw: dict[str, str]
     if file.read_bytes()[:2] == b"PK":  # TorchScript files are zip archives
         extra = {_METADATA_FILE: ""}
-        torch.jit.load(str(file), _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice (torch >= 2.10)
+            torch.jit.load(str(file), _extra_files=extra)
         if not extra[_METADATA_FILE]:
             raise ExportError(f"'{file}' was not exported by milcell (it holds no {_METADATA_FILE})")
         raw = json.loads(extra[_METADATA_FILE])
@@ -781,9 +788,18 @@ def export_run(
 
     Examples
     --------
+    A run trained on cached features (``load_run(folder)`` gives the same object):
+
     >>> import pathlib, tempfile
-    >>> from milcell.runs import load_run
-    >>> # run = load_run("runs/lymphocytosis"); export_run(run, "model.onnx")
+    >>> from milcell.nn.model import create_mil_model
+    >>> from milcell.runs import SavedRun
+    >>> record = {"class_names": ["reactive", "malignant"], "image_size": 32, "mean": [0.5] * 3,
+    ...           "std": [0.25] * 3, "features": {"backbone": "milcell_mini_resnet_k8", "dim": 8}}
+    >>> run = SavedRun(record, [create_mil_model(None, pooling="attention", in_dim=8)], [None])
+    >>> path = export_run(run, pathlib.Path(tempfile.mkdtemp()) / "run.pt", format="torchscript")
+    >>> meta = read_metadata(path)
+    >>> meta["input"], meta["feature_dim"], meta["class_names"]
+    ('features', 8, ['reactive', 'malignant'])
     """
     from milcell.runs import SavedRun, load_run
 

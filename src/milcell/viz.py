@@ -673,6 +673,12 @@ def plot_confusion_matrix(
 # ----------------------------------------------------------------------------- calibration
 
 
+#: ``gid`` of the diagonal of a reliability diagram and of its count panel, so that a second call on
+#: the same axes neither repeats the diagonal nor puts an x-label on the top panel.
+_PERFECT_CALIBRATION_GID = "milcell-perfect-calibration"
+_RELIABILITY_COUNTS_GID = "milcell-reliability-counts"
+
+
 def plot_reliability_diagram(
     y_true: Any,
     y_prob: Any,
@@ -690,8 +696,9 @@ def plot_reliability_diagram(
     :func:`milcell.metrics.calibration_bins`) against the diagonal of perfect
     calibration, with the ECE in the legend; a bar chart below shows how many
     patients fall into each bin (a bin of 3 patients says little). Call it
-    twice on the same ``ax`` (e.g. before and after calibration) to compare;
-    only the first call draws the counts when ``ax`` is given.
+    again with ``ax`` set to the top axes (e.g. before and after calibration)
+    to compare: the later call adds only its curve and legend entry (the
+    diagonal, the counts and the x-label are drawn once).
 
     Parameters
     ----------
@@ -738,8 +745,19 @@ def plot_reliability_diagram(
     if ax is None:
         figure = _figure_class()(figsize=(4.6, 5.4), layout="constrained")
         top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        bottom.set_gid(_RELIABILITY_COUNTS_GID)
         ax, count_ax = top, bottom
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfect calibration")
+    if not any(line.get_gid() == _PERFECT_CALIBRATION_GID for line in ax.lines):
+        # One diagonal (and one legend entry) however many curves are drawn into this axes.
+        ax.plot(
+            [0, 1],
+            [0, 1],
+            linestyle=":",
+            color="grey",
+            linewidth=1,
+            label="perfect calibration",
+            gid=_PERFECT_CALIBRATION_GID,
+        )
     ax.plot(
         bins.confidence[full],
         bins.frequency[full],
@@ -763,7 +781,11 @@ def plot_reliability_diagram(
         count_ax.set_ylabel("Patients")
         count_ax.set_xlabel(xlabel)
         count_ax.grid(True, alpha=0.3)
-    else:
+    elif not any(
+        other is not ax and other.get_gid() == _RELIABILITY_COUNTS_GID
+        for other in ax.get_shared_x_axes().get_siblings(ax)
+    ):
+        # The top panel of a two-panel diagram leaves its x-label to the count panel below it.
         ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)

@@ -7,13 +7,18 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from milcell.data import collate_bags
+from milcell.data import Bag, collate_bags
 from milcell.data.datasets import FeatureBagDataset
-from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler
+from milcell.data.samplers import (
+    ClassBalancedSampler,
+    DistributedBagSampler,
+    MinorityOversampler,
+    bag_sizes,
+)
 from milcell.exceptions import ConfigError, DataError
 
 
@@ -134,3 +139,75 @@ def test_sampler_errors() -> None:
         MinorityOversampler([0, 1], factor=float("nan"))
     with pytest.raises(ConfigError, match="epoch must be an integer >= 0"):
         MinorityOversampler([0, 1]).set_epoch(-1)
+
+
+# ------------------------------------------------------------------------------ sharding
+
+
+@settings(max_examples=20)
+@given(
+    sizes=st.lists(st.integers(1, 200), min_size=1, max_size=40),
+    replicas=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+    epoch=st.integers(0, 5),
+)
+def test_distributed_bag_sampler_covers_each_bag_once_and_is_deterministic(
+    sizes: list[int], replicas: int, seed: int, epoch: int
+) -> None:
+    def shards() -> list[list[int]]:
+        out = []
+        for r in range(replicas):
+            s = DistributedBagSampler(len(sizes), sizes=sizes, num_replicas=replicas, rank=r, seed=seed)
+            s.set_epoch(epoch)
+            out.append(list(s))
+        return out
+
+    parts = shards()
+    per_rank = -(-len(sizes) // replicas)
+    assert all(len(p) == per_rank for p in parts)
+    flat = [i for p in parts for i in p]
+    assert set(flat) == set(range(len(sizes)))  # every bag, the excess being padding repeats
+    assert len(flat) - len(sizes) == per_rank * replicas - len(sizes) < replicas
+    assert parts == shards()
+    loads = [sum(sizes[i] for i in p) for p in parts]
+    if replicas == 2:
+        assert max(loads) - min(loads) <= max(sizes)
+
+
+def test_distributed_bag_sampler_global_batches_and_balance() -> None:
+    sizes = [int(v) for v in np.random.default_rng(0).integers(16, 199, 64)]
+    ranks = [DistributedBagSampler(64, sizes=sizes, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    plain = [DistributedBagSampler(64, sizes=None, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    single = list(DistributedBagSampler(64, num_replicas=1, rank=0, seed=3))
+    a, b = (list(s) for s in ranks)
+    # the k-th batch of 4 per rank holds the single process's k-th batch of 8
+    for k in range(0, 32, 4):
+        assert sorted(a[k : k + 4] + b[k : k + 4]) == sorted(single[2 * k : 2 * k + 8])
+    balanced = abs(sum(sizes[i] for i in a) - sum(sizes[i] for i in b))
+    p, q = (list(s) for s in plain)
+    assert balanced <= max(sizes) and balanced <= abs(sum(sizes[i] for i in p) - sum(sizes[i] for i in q))
+    assert p == single[0::2]  # without sizes: DistributedSampler's assignment
+    assert list(ranks[0]) != a  # the epoch advanced: a new permutation
+
+
+def test_epoch_samplers_shard_the_same_draw() -> None:
+    labels = [0] * 9 + [1] * 3
+    full = list(MinorityOversampler(labels, seed=5))
+    parts = [list(MinorityOversampler(labels, seed=5, num_replicas=2, rank=r)) for r in range(2)]
+    assert parts == [full[0::2], full[1::2]] and len(MinorityOversampler(labels, num_replicas=2)) == 9
+    sized = [
+        list(ClassBalancedSampler(labels, seed=1, num_replicas=3, rank=r, sizes=range(1, 13)))
+        for r in range(3)
+    ]
+    assert sorted(i for p in sized for i in p) == sorted(ClassBalancedSampler(labels, seed=1))
+    with pytest.raises(ConfigError, match="rank must be < num_replicas=2"):
+        ClassBalancedSampler(labels, num_replicas=2, rank=2)
+    with pytest.raises(ConfigError, match="sizes has 3 entries"):
+        DistributedBagSampler(4, sizes=[1, 2, 3])
+
+
+def test_bag_sizes_reads_features_subsets_and_bags() -> None:
+    bags = [Bag(torch.rand(n, 2), 0, id=f"B{n}") for n in (3, 1, 4)]
+    assert bag_sizes(bags).tolist() == [3, 1, 4]
+    assert bag_sizes(Subset(bags, [2, 0])).tolist() == [4, 3]
+    assert bag_sizes([1, 2]) is None

@@ -1,8 +1,9 @@
 """Helper for tests/train/test_distributed.py: train a tiny MIL model, save the result.
 
-Run as ``python -m torch.distributed.run --nproc_per_node=2 ddp_script.py OUT BATCH`` (DDP, one
-process per rank) or import :func:`run` for the single-process reference. Rank 0 writes
-``OUT/result.pt`` (final weights and predictions) and ``OUT/metrics.csv``.
+Run as ``python -m torch.distributed.run --nproc_per_node=2 ddp_script.py OUT BATCH [cv]`` (DDP,
+one process per rank) or import :func:`run` / :func:`run_cv` for the single-process reference.
+Rank 0 writes ``OUT/result.pt`` (final weights and predictions; with ``cv``, those of a
+cross-validation: every fold's weights and the out-of-fold predictions) and ``OUT/metrics.csv``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file by torchrun: find tests/
 
 from milcell.data import Bag
+from milcell.train.crossval import cross_validate
 from milcell.train.distributed import cleanup_distributed, is_main_process, make_loader
 from milcell.train.trainer import Trainer
 from tests._factories import MeanMIL, make_bags
@@ -55,7 +59,45 @@ def run(out_dir: Path, batch_size: int, distributed: bool | None = None) -> dict
     return result
 
 
+def run_cv(out_dir: Path, batch_size: int) -> dict[str, object]:
+    """2-fold cross-validation of 12 bags of 1-6 instances with the minority oversampled.
+
+    Each fold trains on 4 + 2 bags, oversampled to 4 + 4: an even epoch, so sharding over two
+    ranks pads nothing and every global batch is the single process's.
+    """
+    bags = make_bags([1 + (5 * i) % 6 for i in range(12)], dim=6, labels=[int(i % 3 == 0) for i in range(12)])
+    labels = np.array([b.label for b in bags])
+
+    def make_datasets(fold: object) -> tuple[Subset[Bag], Subset[Bag]]:
+        return Subset(bags, fold.train.tolist()), Subset(bags, fold.val.tolist())  # type: ignore[attr-defined]
+
+    result = cross_validate(
+        lambda: MeanMIL(dim=6, hidden=12),
+        make_datasets,
+        labels,
+        n_splits=2,
+        seed=3,
+        batch_size=batch_size,
+        sampler="oversample",
+        selection="outer",
+        build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.2),
+        trainer_kwargs={"max_epochs": 3, "progress": False},
+        output_dir=out_dir,
+    )
+    out = {
+        "states": [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in result.models],
+        "oof_ids": list(result.oof.ids),
+        "oof_probabilities": torch.as_tensor(np.asarray(result.oof.probabilities)),
+    }
+    if is_main_process():
+        torch.save(out, out_dir / "result.pt")
+    return out
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(Path(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[3:] == ["cv"]:
+        run_cv(Path(sys.argv[1]), int(sys.argv[2]))
+    else:
+        run(Path(sys.argv[1]), int(sys.argv[2]))
     cleanup_distributed()

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 from milcell.data import Bag
+from milcell.data.samplers import DistributedBagSampler
 from milcell.exceptions import ConfigError, DataError
 from milcell.train.distributed import (
     all_gather_objects,
@@ -39,7 +41,7 @@ def test_make_loader_single_process_is_seeded() -> None:
     assert order == [b.ids for b in make_loader(bags, 3, shuffle=True, seed=4)]
     assert order != [b.ids for b in make_loader(bags, 3, shuffle=True, seed=5)]
     assert next(iter(make_loader(bags, 5, shuffle=False))).ids == [f"P{i}" for i in range(5)]
-    assert not isinstance(make_loader(bags, 2, shuffle=True).sampler, DistributedSampler)
+    assert not isinstance(make_loader(bags, 2, shuffle=True).sampler, DistributedBagSampler)
 
 
 def test_make_loader_shards_under_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,11 +49,14 @@ def test_make_loader_shards_under_torchrun_env(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("RANK", "1")
     assert launched_distributed() and get_world_size() == 2 and get_rank() == 1
     loader = make_loader(_bags(5), 2, shuffle=False)
-    assert isinstance(loader.sampler, DistributedSampler)
-    # Rank 1 of 2 gets bags 1 and 3, plus bag 0 repeated to even out the ranks.
-    assert [i for b in loader for i in b.ids] == ["P1", "P3", "P0"]
+    assert isinstance(loader.sampler, DistributedBagSampler)
+    # Bags of 1, 2, 1, 2, 1 instances padded with bag 0, dealt in pairs by size: (P1 | P0),
+    # (P2 | P3), (P4 | P0); rank 1 holds 1 + 2 + 1 instances, rank 0 2 + 1 + 1.
+    assert [i for b in loader for i in b.ids] == ["P0", "P3", "P0"]
+    monkeypatch.setenv("RANK", "0")
+    assert [i for b in make_loader(_bags(5), 2, shuffle=False) for i in b.ids] == ["P1", "P2", "P4"]
     assert not isinstance(
-        make_loader(_bags(5), 2, shuffle=False, distributed=False).sampler, DistributedSampler
+        make_loader(_bags(5), 2, shuffle=False, distributed=False).sampler, DistributedBagSampler
     )
 
 
@@ -77,6 +82,8 @@ def test_merge_predictions_drops_padded_duplicates() -> None:
 
     merged = _merge_predictions([part(["a", "c", "e"]), part(["b", "d", "a"])])
     assert merged.ids == ["a", "c", "e", "b", "d"]
+    ordered = _merge_predictions([part(["a", "c", "e"]), part(["b", "d", "a"])], [[0, 2, 4], [1, 3, 0]])
+    assert ordered.ids == ["a", "b", "c", "d", "e"]
     assert merged.probabilities.shape == (5, 2) and len(merged.attention or []) == 5
     with pytest.raises(DataError, match="non-empty ids"):
         _merge_predictions([part(["", "x"])])
@@ -88,14 +95,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
+def _script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("milcell_ddp_script", SCRIPT)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    single = script.run(tmp_path / "single", 4, distributed=False)
+    return script
 
+
+def _torchrun(out_dir: Path, *args: str) -> dict[str, Any]:
+    """Run ddp_script.py on two gloo CPU ranks; rank 0's result."""
     env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK"}}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
     cmd = [
@@ -106,12 +115,18 @@ def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
         "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
         str(SCRIPT),
-        str(tmp_path / "ddp"),
-        "2",
+        str(out_dir),
+        *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
+    return dict(torch.load(out_dir / "result.pt", weights_only=True))
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
+    single = _script().run(tmp_path / "single", 4, distributed=False)
+    ddp = _torchrun(tmp_path / "ddp", "2")
 
     for name, value in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], value, atol=1e-5, rtol=1e-5)
@@ -126,3 +141,19 @@ def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
     assert len(ddp["attention_sizes"]) == 9
     rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,lr,train_loss,val_loss")
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_cross_validate_like_one_process(tmp_path: Path) -> None:
+    # Oversampled training loaders and validation loaders sharded over 2 ranks (batch 2 each)
+    # against one process with the same global batch (4): same weights, same out-of-fold predictions.
+    single = _script().run_cv(tmp_path / "single", 4)
+    ddp = _torchrun(tmp_path / "ddp", "2", "cv")
+    assert len(ddp["states"]) == len(single["states"]) == 2
+    for mine, ref in zip(ddp["states"], single["states"], strict=True):
+        for name, value in ref.items():
+            torch.testing.assert_close(mine[name], value, atol=1e-6, rtol=0)
+    # Every bag once, in the same order: gathered predictions follow the dataset order, so each
+    # out-of-fold row is filed under its own sample (regression: they were in rank order).
+    assert ddp["oof_ids"] == single["oof_ids"] and len(set(ddp["oof_ids"])) == 12
+    torch.testing.assert_close(ddp["oof_probabilities"], single["oof_probabilities"], atol=1e-6, rtol=0)

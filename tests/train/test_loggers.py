@@ -265,3 +265,25 @@ def test_cli_train_with_loggers_tracks_the_run_and_leaves_its_files_as_they_were
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"run.json", "config.yaml", "models", "folds.csv"} <= artifacts
     assert any((tracked / "tensorboard" / "fold_0_1").iterdir())
+
+
+def test_noisy_student_logs_a_child_run_per_model() -> None:
+    from milcell.train.noisy_student import noisy_student
+
+    def build() -> torch.nn.Module:
+        return create_mil_model(None, pooling="mean", in_dim=4)
+
+    labelled = make_bags([3] * 8, dim=4, signal=1.0, seed=2)
+    unlabelled = make_bags([3] * 6, dim=4, signal=1.0, seed=3, labels=[-1] * 6, prefix="U")
+    parent = Memory()
+    result = noisy_student(
+        build, build, labelled, unlabelled, labelled, iterations=1, batch_size=4,
+        trainer_kwargs={"max_epochs": 2, "lr": 0.05}, loggers=[parent],
+    )  # fmt: skip
+    assert parent.status == "FINISHED" and parent.params["noisy_student"]["iterations"] == 1  # type: ignore[index]
+    assert [c.name for c in parent.children] == ["teacher", "student_1"]
+    for child, history, row in zip(parent.children, result.histories, result.iterations, strict=True):
+        assert child.status == "FINISHED" and _epoch_rows(child) == _json(history)
+        assert child.metrics[-1][1]["val_auc"] == row["val_auc"]
+    assert parent.children[1].metrics[-1][1]["pseudo_n_kept"] == result.pseudo_label_stats[0]["n_kept"]
+    assert parent.metrics[-1][1] == result.iterations[-1]

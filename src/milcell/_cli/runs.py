@@ -224,6 +224,8 @@ def predict_command(cfg: Mapping[str, Any]) -> tuple[list[Path], int]:
 
     run = load_run(cfg["run"])
     options = _predict_options(cfg)
+    if cfg.get("alpha") is None and (cfg.get("mondrian") or cfg.get("conformal_score") not in (None, "lac")):
+        raise ConfigError("--conformal-score and --mondrian shape the prediction sets: they need --alpha")
     if cfg.get("alpha") is not None and run.calibration is None:
         raise ConfigError(
             f"--alpha needs a calibrated run: '{run.path}' was trained without --calibrate (train it again "
@@ -241,11 +243,30 @@ def predict_command(cfg: Mapping[str, Any]) -> tuple[list[Path], int]:
         probabilities = target.with_name(f"{target.stem}_probabilities.csv")
         written = [preds.write_submission(target), preds.write_csv(probabilities)]
     if cfg.get("alpha") is not None:
-        written.append(_write_calibrated(run, preds, target, cfg["alpha"], cfg.get("refer_target", 0.95)))
+        written.append(
+            _write_calibrated(
+                run,
+                preds,
+                target,
+                cfg["alpha"],
+                cfg.get("refer_target", 0.95),
+                score=cfg.get("conformal_score") or "lac",
+                mondrian=bool(cfg.get("mondrian")),
+            )
+        )
     return written, len(preds.ids)
 
 
-def _write_calibrated(run: SavedRun, preds: Any, target: Path, alpha: float, refer_target: float) -> Path:
+def _write_calibrated(
+    run: SavedRun,
+    preds: Any,
+    target: Path,
+    alpha: float,
+    refer_target: float,
+    *,
+    score: str = "lac",
+    mondrian: bool = False,
+) -> Path:
     """``<output>_calibrated.csv``: probability, calibrated probability, prediction set and refer flag."""
     import numpy as np
 
@@ -254,7 +275,9 @@ def _write_calibrated(run: SavedRun, preds: Any, target: Path, alpha: float, ref
     calibration = run.calibration
     assert calibration is not None  # checked by predict_command before predicting
     mean = np.mean(np.stack(preds.fold_probabilities).astype(np.float64), axis=0)
-    rows = calibration.rows(preds.ids, mean, run.class_names, alpha=alpha, target=refer_target)
+    rows = calibration.rows(
+        preds.ids, mean, run.class_names, alpha=alpha, score=score, mondrian=mondrian, target=refer_target
+    )
     path = target.with_name(f"{target.stem}_calibrated.csv")
     write_dict_csv(rows, path)
     return path

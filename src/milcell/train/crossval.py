@@ -109,12 +109,12 @@ from milcell._utils import atomic_path, json_safe
 from milcell._validation import check_choice, check_int, check_real
 from milcell.data.bag import Bag, collate_bags
 from milcell.data.datasets import FeatureBagDataset
-from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler
+from milcell.data.samplers import ClassBalancedSampler, MinorityOversampler, bag_sizes
 from milcell.data.splits import Fold, inner_split, make_folds
 from milcell.exceptions import CheckpointError, ConfigError, DataError
 from milcell.metrics import format_summary, summarize_folds
 from milcell.train.checkpoint import load_weights
-from milcell.train.distributed import is_main_process, make_loader
+from milcell.train.distributed import get_rank, get_world_size, is_main_process, make_loader
 from milcell.train.fit import fit_model
 
 __all__ = [
@@ -661,11 +661,15 @@ def _train_loader(
             f"cross_validate: the training dataset has {len(dataset)} items but {len(train_labels)} "  # type: ignore[arg-type]
             "labels for the sampler"
         )
+    # Under torchrun every rank draws the same epoch and keeps its share, dealt by bag size.
+    shard: dict[str, Any] = {"num_replicas": get_world_size(), "rank": get_rank()}
+    if shard["num_replicas"] > 1:
+        shard["sizes"] = bag_sizes(dataset)
     chosen: Any
     if sampler == "balanced":
-        chosen = ClassBalancedSampler(train_labels, seed=seed)
+        chosen = ClassBalancedSampler(train_labels, seed=seed, **shard)
     else:
-        chosen = MinorityOversampler(train_labels, seed=seed)
+        chosen = MinorityOversampler(train_labels, seed=seed, **shard)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -745,7 +749,10 @@ def cross_validate(
     sampler : {None, "balanced", "oversample"}, default None
         Training-loader sampling: shuffled (None),
         :class:`~milcell.data.samplers.ClassBalancedSampler` or
-        :class:`~milcell.data.samplers.MinorityOversampler`.
+        :class:`~milcell.data.samplers.MinorityOversampler`. Under ``torchrun`` every
+        loader is sharded across the ranks (each rank draws the same epoch and keeps its
+        share, dealt by bag size when the sizes are known; see
+        :class:`~milcell.data.samplers.DistributedBagSampler`), so ``batch_size`` is per rank.
     drop_last : bool, default False
         Drop the last incomplete training batch (a batch of one bag breaks
         train-mode BatchNorm on 1×1 feature maps).

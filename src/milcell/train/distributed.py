@@ -3,7 +3,9 @@
 ``torchrun --nproc_per_node=N script.py`` starts ``N`` processes and sets
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. These helpers read that
 environment, start the process group (``nccl`` on CUDA, ``gloo`` on the CPU),
-build loaders that shard bags with a :class:`~torch.utils.data.DistributedSampler`,
+build loaders that shard bags across ranks with a
+:class:`~milcell.data.samplers.DistributedBagSampler` (``DistributedSampler``
+semantics, plus similar instance counts per rank when the bag sizes are known),
 and gather Python objects across ranks. In a plain single process every helper
 degrades to the obvious no-op, so the same script runs both ways.
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from milcell._validation import check_int, check_real
 from milcell.data.bag import collate_bags
@@ -227,12 +229,18 @@ def make_loader(
     seed : int, default 0
         Seed of the shuffle: the seed of the loader's ``torch.Generator`` in a
         single process (the :class:`~milcell.train.Trainer` reseeds it with
-        ``seed + epoch`` each epoch), of the ``DistributedSampler`` otherwise
+        ``seed + epoch`` each epoch), of the distributed sampler otherwise
         (the trainer calls ``set_epoch``).
     distributed : bool or None, default None
-        Use a ``DistributedSampler``; ``None`` decides from the environment
-        (``WORLD_SIZE > 1``). The sampler pads the dataset by repeating bags
-        so every rank gets as many; predictions are de-duplicated by bag id.
+        Shard with a :class:`~milcell.data.samplers.DistributedBagSampler`; ``None``
+        decides from the environment (``WORLD_SIZE > 1``). The sampler pads the
+        dataset by repeating bags so every rank gets as many (predictions are
+        de-duplicated by bag id), and, when the bag sizes are known without loading
+        (:func:`~milcell.data.samplers.bag_sizes`), deals each group of
+        ``world_size`` bags so that the ranks hold similar numbers of instances.
+        Batch ``k`` of every rank comes from the same ``batch_size * world_size``
+        consecutive bags of the global order, so the global batch is the one a
+        single process with that batch size sees.
     collate_fn : callable, default :func:`~milcell.data.collate_bags`
     **kwargs
         Passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ``drop_last``...).
@@ -267,7 +275,9 @@ def make_loader(
     if distributed is None:
         distributed = is_distributed() or launched_distributed()
     if distributed:
-        sampler: DistributedSampler[Any] = DistributedSampler(
+        from milcell.data.samplers import DistributedBagSampler
+
+        sampler = DistributedBagSampler(
             dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle, seed=seed
         )
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, **kwargs)

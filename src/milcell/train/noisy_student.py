@@ -58,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -221,6 +221,7 @@ def _fit(
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None,
     build_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     drop_last: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[nn.Module, Trainer, list[dict[str, float]], dict[str, float]]:
     torch.manual_seed(seed)
     model = build()
@@ -239,6 +240,7 @@ def _fit(
         build_optimizer=build_optimizer,
         build_scheduler=build_scheduler,
         restore_best=val_loader is not None,
+        callbacks=callbacks,
     )
     metrics: dict[str, float] = {}
     if val_loader is not None:
@@ -264,6 +266,7 @@ def noisy_student(
     build_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     drop_last: bool = False,
     seed: int = 0,
+    loggers: Sequence[Any] = (),
 ) -> NoisyStudentResult:
     """Teacher → pseudo-labels → noisy student → new teacher, ``iterations`` times.
 
@@ -310,6 +313,12 @@ def noisy_student(
         Drop the last incomplete training batch.
     seed : int, default 0
         Base seed.
+    loggers : sequence of RunLogger, optional
+        Experiment loggers (:mod:`milcell.train.loggers`): each is the parent
+        run (started and finished here unless already started) of one child
+        run per model, ``teacher`` then ``student_<i>``, with its epochs, its
+        row of :attr:`NoisyStudentResult.iterations` and (students) the
+        pseudo-label statistics; the parent gets the final row.
 
     Returns
     -------
@@ -342,6 +351,20 @@ def noisy_student(
             f"{len(unlabelled)}; they must hold the same items in the same order"  # type: ignore[arg-type]
         )
 
+    started = [not lg.active for lg in loggers]
+    for lg in loggers:
+        lg.start(
+            {
+                "noisy_student": {
+                    "iterations": iterations,
+                    "soft": soft,
+                    "threshold": threshold,
+                    "batch_size": batch_size,
+                    "seed": seed,
+                }
+            }
+        )
+    children = [lg.child("teacher", {"iteration": 0}) for lg in loggers]
     teacher, trainer, history, metrics = _fit(
         build_teacher,
         seed,
@@ -353,6 +376,7 @@ def noisy_student(
         build_optimizer,
         build_scheduler,
         drop_last,
+        children,
     )
     rows = [
         {
@@ -363,6 +387,7 @@ def noisy_student(
             **metrics,
         }
     ]
+    _finish_children(children, rows[-1])
     models, histories, stats = [teacher], [history], []
     logger.info("noisy_student: teacher trained; %s", _brief(metrics))
     for it in range(1, iterations + 1):
@@ -408,6 +433,7 @@ def noisy_student(
         else:
             pseudo = PseudoLabelledDataset(unlabelled, kept.numpy(), labels=hard[kept].numpy())
             train = ConcatDataset([labelled, pseudo])
+        children = [lg.child(f"student_{it}", {"iteration": it}) for lg in loggers]
         student, trainer, history, metrics = _fit(
             build_student,
             seed + it,
@@ -419,6 +445,7 @@ def noisy_student(
             build_optimizer,
             build_scheduler,
             drop_last,
+            children,
         )
         rows.append(
             {
@@ -429,10 +456,21 @@ def noisy_student(
                 **metrics,
             }
         )
+        _finish_children(children, {**rows[-1], **{f"pseudo_{k}": v for k, v in stat.items()}})
         models.append(student)
         histories.append(history)
         logger.info("noisy_student: student %d trained; %s", it, _brief(metrics))
+    for lg, mine in zip(loggers, started, strict=True):
+        lg.log_metrics(rows[-1])
+        if mine:
+            lg.finish()
     return NoisyStudentResult(rows, models, stats, histories)
+
+
+def _finish_children(children: Sequence[Any], row: Mapping[str, float]) -> None:
+    for child in children:
+        child.log_metrics(row)
+        child.finish()
 
 
 def _size(dataset: Dataset[Bag]) -> int:

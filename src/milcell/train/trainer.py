@@ -68,6 +68,7 @@ from milcell.train.checkpoint import (
 from milcell.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    barrier,
     get_world_size,
     init_distributed,
     is_main_process,
@@ -915,6 +916,8 @@ class Trainer:
         """
         if self.output_dir is not None:
             best = self.output_dir / "checkpoints" / "best"
+            if self.distributed:
+                barrier()  # rank 0 writes the checkpoint; the other ranks must not read a stale one
             if not best.is_dir():
                 raise CheckpointError(f"no best checkpoint at {best} yet")
             return load_weights(best, self.model)
@@ -937,7 +940,17 @@ class Trainer:
         if self.distributed:
             totals = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=self.device))
             loss_sum, count = float(totals[0].item()), float(totals[1].item())
-            local = _merge_predictions(all_gather_objects(local))
+            # Gathered with the dataset positions the rank's sampler yielded (DistributedBagSampler),
+            # so the merged predictions follow the dataset's order whatever the sharding.
+            positions = getattr(getattr(loader, "sampler", None), "last_indices", None)
+            if not isinstance(positions, list) or len(positions) != len(local.ids):
+                positions = None
+            gathered = all_gather_objects((local, positions))
+            ranks_positions = [p for _, p in gathered]
+            local = _merge_predictions(
+                [part for part, _ in gathered],
+                None if any(p is None for p in ranks_positions) else ranks_positions,
+            )
         return local, (loss_sum / count if count > 0 else math.nan)
 
     def predict(self, loader: Iterable[BagBatch]) -> Predictions:
@@ -945,8 +958,10 @@ class Trainer:
 
         The loop is :func:`milcell.train.inference.predict`'s, on the trainer's
         device and precision (and memory format). Under ``torchrun`` the
-        predictions of all ranks are gathered (on every rank), and bags
-        repeated by the ``DistributedSampler`` are dropped by id.
+        predictions of all ranks are gathered (on every rank), put in the
+        dataset's order when the sampler records its indices
+        (:class:`~milcell.data.samplers.DistributedBagSampler`), and bags
+        repeated by the sampler's padding are dropped by id.
 
         Returns
         -------
@@ -987,8 +1002,13 @@ class Trainer:
         return out
 
 
-def _merge_predictions(parts: Sequence[Predictions]) -> Predictions:
-    """Concatenate per-rank predictions, keeping the first occurrence of each bag id."""
+def _merge_predictions(
+    parts: Sequence[Predictions], positions: Sequence[Sequence[int]] | None = None
+) -> Predictions:
+    """Concatenate per-rank predictions, keeping the first occurrence of each bag id.
+
+    With ``positions`` (per part, the dataset index of each row), rows come sorted by it.
+    """
     if any(bag_id == "" for part in parts for bag_id in part.ids):
         raise DataError("bags need non-empty ids to gather predictions across ranks (Bag(id=...))")
     seen: set[str] = set()
@@ -996,16 +1016,20 @@ def _merge_predictions(parts: Sequence[Predictions]) -> Predictions:
     rows: list[Tensor] = []
     labels: list[Tensor] = []
     attention: list[Tensor] | None = [] if all(p.attention is not None for p in parts) else None
-    for part in parts:
-        for j, bag_id in enumerate(part.ids):
-            if bag_id in seen:
-                continue
-            seen.add(bag_id)
-            ids.append(bag_id)
-            rows.append(part.probabilities[j])
-            labels.append(part.labels[j])
-            if attention is not None and part.attention is not None:
-                attention.append(part.attention[j])
+    entries = [(k, j) for k, part in enumerate(parts) for j in range(len(part.ids))]
+    if positions is not None:
+        entries.sort(key=lambda e: positions[e[0]][e[1]])  # stable: ties keep rank order
+    for k, j in entries:
+        part = parts[k]
+        bag_id = part.ids[j]
+        if bag_id in seen:
+            continue
+        seen.add(bag_id)
+        ids.append(bag_id)
+        rows.append(part.probabilities[j])
+        labels.append(part.labels[j])
+        if attention is not None and part.attention is not None:
+            attention.append(part.attention[j])
     dropped = sum(len(p.ids) for p in parts) - len(ids)
     if dropped:
         logger.debug("dropped %d duplicate bags padded in by the DistributedSampler", dropped)
