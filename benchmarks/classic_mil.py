@@ -168,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the results in OUT_DIR/classic_mil_results.json made with the same settings (the "
-        "report says which); without it every result is computed again",
+        help="save each result to OUT_DIR/classic_mil_results.json as it is computed, and reuse the ones "
+        "there made with the same settings (the report says which); without it everything is computed",
     )
     args = parse(parser, argv)
     poolings = args.poolings.split(",") if args.poolings else list_poolings()
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     seed=args.seed,
                     device=args.device,
                 )
-                if not args.no_write:
+                if args.resume and not args.no_write:
                     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                     saved[key] = {"settings": settings, "result": res, "date": when}
                     store.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,7 @@ weights, while the report fine-tuned ImageNet weights; with ``--pretrained`` the
 no ImageNet weights) is replaced by timm's tiny pretrained ``test_convnext``. The synthetic C-NMC cohort
 caps cell-level accuracy near 86 % (an ALL patient's cells are blasts with probability 0.8, yet all carry
 the label ALL).
-Measured ``--quick`` (seed 0, ``--threads 1``): test accuracy 72.5-80.0 %, kappa 0.41-0.61 over the six
-rows, 97 s CPU (226 s wall on a shared, loaded machine); the table is in ``docs/reports_single_cell.rst``.
+The table measured with ``--quick`` (seed 0, ``--threads 1``) is in ``docs/reports_single_cell.rst``.
 
 Run::
 

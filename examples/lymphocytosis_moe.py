@@ -25,8 +25,9 @@ Caveats printed in the header: without ``--pretrained`` (no network here) the fr
 randomly initialised, so the image rows are expected to be weaker than in the report (random frozen
 features still carry colour and size cues); ``--smoke`` / ``--quick`` use small synthetic cohorts and
 images, and ``--smoke`` swaps ViT-B/16 for ``vit_tiny_patch16_224`` (both at a small ``img_size``).
-As in the report, the best epoch is chosen on the validation fold's BA, which makes the CV numbers
-optimistic.
+The report chose the best epoch on the validation fold it reported (optimistic); here each fold's
+epoch is chosen on patients held out of its training fold (``cross_validate``'s nested selection),
+so the CV numbers are honest, and lower than the published ones for that reason too.
 
 Calibration (after the table). A haematologist reads the probability, not only the argmax: the
 example then calibrates the ``MLP + ResNet18 (no aug)`` model's probabilities by temperature scaling
@@ -132,7 +133,8 @@ def main() -> None:
         f"aug batch {cfg['aug_batch']} (report: 5)",
         f"ViT row: {cfg['vit']} at img_size={cfg['vit_img_size']}"
         + ("" if cfg["vit"] == "vit_base_patch16_224" and cfg["vit_img_size"] == 224 else " (substitute)"),
-        "best epoch chosen on the validation fold's BA, as in the report (optimistic)",
+        "best epoch chosen on patients held out of each training fold (nested; the report chose it on "
+        "the reported fold, which is optimistic)",
     ]
     if not profile.full:
         notes.append("the aug row cannot use the feature cache: 10 epochs here, too few to show the aug gain")

@@ -84,6 +84,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _open_unit(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -260,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(train, "--monitor", default="val_loss", help="metric selecting each fold's best epoch")
     add_option(train, "--patience", type=_positive_int, default=None, help="early-stopping patience (epochs)")
     add_option(train, "--num-workers", type=_non_negative_int, default=0, help="DataLoader workers")
+    add_option(
+        train, "--weight-decay", type=_non_negative_float, default=0.0, help="Adam weight decay (L2 penalty)"
+    )
     add_option(
         train,
         "--calibrate",

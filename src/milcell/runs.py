@@ -1505,6 +1505,7 @@ def train_run(
     epochs: int = 20,
     batch_size: int = 4,
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
     seed: int = 0,
     image_size: int = 64,
     augment: bool | str = True,
@@ -1568,7 +1569,7 @@ def train_run(
         ``pretrained`` gets a warning: it would train on random features.
     folds, repeats : int
         ``folds >= 2`` patient-level folds, repeated ``repeats`` times.
-    epochs, batch_size, lr, seed, precision, sampler, monitor, patience, num_workers
+    epochs, batch_size, lr, weight_decay, seed, precision, sampler, monitor, patience, num_workers
         Training options (:class:`~milcell.train.trainer.Trainer`,
         :func:`~milcell.train.crossval.cross_validate`).
     image_size, augment, max_instances, cache_images
@@ -1728,6 +1729,7 @@ def train_run(
     batch_size = check_int(batch_size, "batch_size", low=1)
     num_workers = check_int(num_workers, "num_workers", low=0)
     lr = check_real(lr, "lr", low=0.0, low_open=True)
+    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
     if patience is not None:
         patience = check_int(patience, "patience", low=1)
     if monitor is not None and not isinstance(monitor, str):
@@ -1818,6 +1820,8 @@ def train_run(
         trainer_kwargs["patience"] = patience
     if pos_weight is not None:
         trainer_kwargs["pos_weight"] = pos_weight
+    if weight_decay:  # only when used: runs without it keep their settings fingerprint
+        trainer_kwargs["weight_decay"] = weight_decay
     fingerprint = {
         **prep.to_dict(),
         "augment": augment,
@@ -1955,6 +1959,7 @@ def train_run(
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
+            "weight_decay": weight_decay,
             "seed": seed,
             "image_size": prep.image_size,
             "augment": augment,

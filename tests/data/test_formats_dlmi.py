@@ -455,3 +455,13 @@ def test_fuzz_can_succeed(fuzz_root: Path) -> None:
         "ID,LABEL,GENDER,DOB,LYMPH_COUNT,X\n" + rows.replace("\n", ",x\n")
     )
     assert load_dlmi(fuzz_root).labels.tolist() == [1, 0, -1]
+
+
+def test_byte_order_marks_inside_a_csv_are_not_data(tmp_path: Path) -> None:
+    """Regression (found by the fuzz test): files concatenated after saving with a BOM."""
+    from milcell.data.formats._csv import read_table
+
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"\xef\xbb\xbfID,LABEL\r\nP1,0\r\n\xef\xbb\xbfP2,1\r\n\xef\xbb\xbf\n\n")
+    rows = read_table(path, ("ID", "LABEL"))
+    assert [(r["ID"], r["LABEL"]) for r in rows] == [("P1", "0"), ("P2", "1")]

@@ -238,11 +238,12 @@ def test_cross_validation_killed_in_fold_1_resumes_there_without_retraining_fold
     assert (run / "cv" / "fold_0_0" / "result.json").is_file()
     assert not (run / "cv" / "fold_0_1" / "result.json").exists()
     assert load_checkpoint(run / "cv" / "fold_0_1" / "checkpoints" / "last").epoch == 1
-    assert (run / "cv_calls.txt").read_text().split() == ["0", "1"]
+    # Nested selection: make_datasets builds each fold twice (the reported fold, the selection set).
+    assert (run / "cv_calls.txt").read_text().split() == ["0", "0", "1", "1"]
 
     _in_process("cv", "--out", str(run))
     # Fold 0 was loaded, not rebuilt; fold 1 resumed from its epoch-1 checkpoint; fold 2 ran.
-    assert (run / "cv_calls.txt").read_text().split() == ["0", "1", "1", "2"]
+    assert (run / "cv_calls.txt").read_text().split() == ["0", "0", "1", "1", "1", "1", "2", "2"]
     got = json.loads((run / "cv_result.json").read_text())
     want = json.loads((ref / "cv_result.json").read_text())
     assert got == want  # same folds, histories and out-of-fold probabilities, exactly

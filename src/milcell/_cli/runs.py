@@ -42,6 +42,7 @@ _TRAIN_OPTIONS = (
     "epochs",
     "batch_size",
     "lr",
+    "weight_decay",
     "seed",
     "image_size",
     "augment",

@@ -226,6 +226,9 @@ class Trainer:
         parameters that require gradients.
     lr : float, default 1e-3
         Learning rate of the default optimizer.
+    weight_decay : float, default 0.0
+        L2 penalty of the default optimizer (Adam's ``weight_decay``); with
+        an ``optimizer`` given, set it there instead.
     scheduler : LRScheduler or callable, optional
         A learning-rate scheduler over ``optimizer``, or a factory
         ``optimizer -> scheduler`` called with the trainer's optimizer (use a
@@ -342,6 +345,7 @@ class Trainer:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         lr: float = 1e-3,
+        weight_decay: float = 0.0,
         scheduler: LRScheduler | SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         max_epochs: int = 10,
@@ -374,6 +378,11 @@ class Trainer:
         precision = _check_precision(precision)
         scheduler_interval = check_choice(scheduler_interval, "scheduler_interval", ("epoch", "step"))
         lr = check_real(lr, "lr", low=0.0)
+        weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
+        if optimizer is not None and weight_decay:
+            raise ConfigError(
+                "weight_decay applies to the default optimizer only; set it on the optimizer you pass"
+            )
         max_epochs = check_int(max_epochs, "max_epochs", low=1)
         accumulate_grad_batches = check_int(accumulate_grad_batches, "accumulate_grad_batches", low=1)
         patience = None if patience is None else check_int(patience, "patience", low=1)
@@ -418,7 +427,7 @@ class Trainer:
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise ConfigError("the model has no trainable parameters and no optimizer was given")
-            optimizer = torch.optim.Adam(params, lr=lr)
+            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         self.optimizer = optimizer
         self.scheduler: LRScheduler | None = _build_scheduler(scheduler, optimizer, scheduler_interval)
         self.scheduler_interval = scheduler_interval

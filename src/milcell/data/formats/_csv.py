@@ -102,6 +102,8 @@ def read_table(path: Path, required: Sequence[str]) -> list[Row]:
     try:
         next(reader)
         for values in reader:
+            # A byte-order mark inside the file (files concatenated after saving with one) is not data.
+            values = [v.replace("\ufeff", "") for v in values]
             if not values or all(v.strip() == "" for v in values):
                 continue
             if len(values) != len(header):
