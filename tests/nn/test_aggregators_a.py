@@ -551,3 +551,23 @@ def test_training_on_a_toy_problem_beats_chance(pooling: str) -> None:
     with torch.no_grad():
         accuracy = (model(test).logits.argmax(dim=1) == test.labels).float().mean().item()
     assert accuracy >= 0.8, f"{pooling}: toy accuracy {accuracy:.2f}"
+
+
+def test_dsmil_critical_instance_is_the_first_float64_argmax_of_the_real_instances() -> None:
+    """Rescoring only the float32 front-runners in float64 picks what a float64 argmax over all picks."""
+    torch.manual_seed(0)
+    pool = create_pooling("dsmil", 6, num_classes=3, query_dim=4).eval()
+    with torch.no_grad():  # integer scores: exact ties between different instances too
+        pool.instance_classifier.weight.copy_(torch.randint(-1, 2, (3, 6)))
+        pool.instance_classifier.bias.zero_()
+    x = torch.randint(-2, 3, (4, 60, 6)).float()  # integer features: many exact ties
+    x[:, 5:50:2] = x[:, 3:4]  # copies of one instance
+    mask = torch.rand(4, 60) < 0.8
+    mask[:, 0] = False
+    out = pool.forward_aux(x, mask)
+    w, b = pool.instance_classifier.weight.double(), pool.instance_classifier.bias.double()
+    exact = torch.where(mask.unsqueeze(-1), x.double() @ w.T + b, float("-inf"))
+    ties = (exact == exact.amax(dim=1, keepdim=True)).sum(dim=1)
+    assert bool((ties > 1).any()) and int(ties.max()) < 16  # exact ties, fewer than the candidates
+    ref = exact.argmax(dim=1)
+    assert torch.equal(out.aux["critical_instances"], ref)

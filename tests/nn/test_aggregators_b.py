@@ -572,3 +572,23 @@ def test_learns_a_toy_mil_problem(name: str) -> None:
     with torch.no_grad():
         accuracy = (model(test).logits.argmax(dim=1) == test.labels).float().mean().item()
     assert accuracy >= 0.75, f"{name}: held-out accuracy {accuracy:.2f} (chance 0.5)"
+
+
+# --------------------------------------------------------------------------- regression (session 3)
+
+
+@pytest.mark.parametrize("distill", ["maxs", "maxmins"])
+def test_dtfd_eval_distillation_ties_do_not_depend_on_the_order(distill: str) -> None:
+    """Instances whose reduced features are all zero (dead ReLU) tie; eval must not pick by position."""
+    torch.manual_seed(0)
+    pool = create_pooling("dtfd", 3, num_pseudo_bags=1, distill=distill, dim=4, hidden=4).eval()
+    with torch.no_grad():
+        pool.reduce[0].weight.copy_(torch.eye(4, 3))
+        pool.reduce[0].bias.zero_()
+    x = torch.tensor([[[-1.0, -2.0, -3.0], [-4.0, -1.0, -1.0], [2.0, 1.0, 0.5]]])  # rows 0, 1: h == 0
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    perm = torch.tensor([1, 0, 2])
+    out = pool.forward_aux(x, mask)
+    out_p = pool.forward_aux(x[:, perm], mask)
+    torch.testing.assert_close(out_p.embedding, out.embedding)
+    torch.testing.assert_close(out_p.attention, out.attention[:, perm])

@@ -94,6 +94,17 @@ class DSMILPooling(MILPooling):
     different features would be resolved by position; with continuous features this has
     probability zero); softmaxes are float32.
 
+    Cost: the float64 scores are computed only for the 16 best instances of each class by the
+    float32 scores; this is the choice of a float64 argmax over all the real instances (the
+    earliest position among exactly equal scores) unless 16 or more real instances come within
+    float32 rounding of the best one (copies of one instance included: then another copy may be
+    named critical, with the same output). The queries of the other instances are never formed:
+    ``<q_i, q_m> = h_i . (W_q^T q_m) + b_q . q_m``, one product of the instances with ``C``
+    vectors of size ``D`` (computed with the instance scores, in float32 with autocast off).
+    Without dropout (``dropout=0`` or eval) the value projection is applied to the ``C``
+    attention-pooled instances, ``W_v (sum_i U_ic h_i) + (sum_i U_ic) b_v``, instead of to every
+    instance (equal up to float rounding; ``N / C`` times fewer ``D x D`` products).
+
     ``aux`` (of :meth:`forward_aux`): ``"instance_scores"`` ``(B, N, C)`` (0 at masked
     positions), ``"max_scores"`` ``(B, C)`` (``c_m``), ``"bag_scores"`` ``(B, C)`` (``c_b``),
     ``"class_attention"`` ``(B, C, N)`` (``U``; the returned ``(B, N)`` weights are its mean
@@ -137,6 +148,7 @@ class DSMILPooling(MILPooling):
     """
 
     prediction_level = True
+    _CANDIDATES = 16  # instances of the float32 ranking rescored in float64
 
     def __init__(
         self,
@@ -161,32 +173,64 @@ class DSMILPooling(MILPooling):
         self.dropout = nn.Dropout(_check_dropout(dropout))
         self.bag_classifier = nn.Linear(self.num_classes * self.in_dim + self.clinical_dim, self.num_classes)
 
-    def _selection_scores(self, x: Tensor) -> Tensor:
-        """Instance scores ``(B, N, C)`` in float64 (float32 on MPS), for choosing the critical instances."""
+    def _critical(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``(B, C)`` long: the critical instance of each class, chosen on float64 scores (see the class).
+
+        The float64 scores are computed for the ``K = _CANDIDATES`` best instances of the float32
+        ranking only (``(B, K, C, D)`` instead of a float64 copy of ``x``); the float64 best is
+        among them unless ``K`` real instances come within float32 rounding of it.
+        """
+        b, _, d = x.shape
+        c, k = self.num_classes, self._CANDIDATES
         dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        weight, bias = self.instance_classifier.weight, self.instance_classifier.bias
         with _no_autocast(x.device), torch.no_grad():
-            w = self.instance_classifier.weight.to(dtype)
-            return x.to(dtype) @ w.T + self.instance_classifier.bias.to(dtype)
+            rough = F.linear(x.float(), weight.float(), bias.float())
+            rough = torch.where(mask.unsqueeze(-1), rough, float("-inf"))
+            # -inf padding: top-k works for every bag size, with no Python arithmetic on N (tracing)
+            rough = torch.cat([rough, rough.new_full((b, k, c), float("-inf"))], dim=1)
+            top, idx = rough.topk(k, dim=1)  # (B, K, C)
+            real = top > float("-inf")
+            idx = torch.where(real, idx, 0)  # padding -> any valid position, never chosen
+            rows = x.gather(1, idx.reshape(b, k * c, 1).expand(b, k * c, d)).view(b, k, c, d)
+            exact = (rows.to(dtype) * weight.to(dtype)).sum(-1) + bias.to(dtype)  # (B, K, C)
+            exact = torch.where(real, exact, float("-inf"))
+            best = real & (exact == exact.amax(dim=1, keepdim=True))
+            # among equal float64 scores, the earliest position
+            first = torch.where(best, idx, torch.iinfo(torch.long).max).amin(dim=1)  # (B, C)
+            return torch.where(best.any(dim=1), first, 0)
 
     def _pool_aux(
         self, x: Tensor, mask: Tensor, clinical: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         batch = x.shape[0]
         c = self.num_classes
-        m = mask.unsqueeze(-1)
-        scores = self.instance_classifier(x)
-        scores = torch.where(m, scores, torch.zeros((), dtype=scores.dtype, device=x.device))  # (B, N, C)
-        select = torch.where(m, self._selection_scores(x), float("-inf"))
-        critical = select.argmax(dim=1)  # (B, C), real instances only
-        max_scores = scores.gather(1, critical.unsqueeze(1)).squeeze(1)  # (B, C)
-        q = self.query(x)  # (B, N, d_q)
-        q_crit = q.gather(1, critical.unsqueeze(-1).expand(batch, c, self.query_dim))  # (B, C, d_q)
+        d = x.shape[-1]
+        critical = self._critical(x, mask)  # (B, C), real instances only
+        h_crit = x.gather(1, critical.unsqueeze(-1).expand(batch, c, d))  # (B, C, D)
+        q_crit = self.query(h_crit)  # (B, C, d_q)
+        dt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for a float64 model
         with _no_autocast(x.device):
-            dist = torch.einsum("bnq,bcq->bcn", q.float(), q_crit.float()) / math.sqrt(self.query_dim)
-            dist = torch.where(mask.unsqueeze(1), dist, float("-inf"))
+            # <q_i, q_m> = h_i . (W_q^T q_m) + b_q . q_m: no query is computed for the other instances;
+            # the instance scores and these products come from one product with x (one gradient to x)
+            qc = q_crit.to(dt)
+            key = qc @ self.query.weight.to(dt)  # (B, C, D)
+            weight = self.instance_classifier.weight.to(dt)
+            right = torch.cat([weight.T.expand(batch, d, c), key.transpose(1, 2)], dim=2)  # (B, D, 2C)
+            scores, dist = torch.bmm(x.to(dt), right).split([c, c], dim=-1)  # (B, N, C) each
+            scores = torch.where(mask.unsqueeze(-1), scores + self.instance_classifier.bias.to(dt), 0.0)
+            max_scores = scores.gather(1, critical.unsqueeze(1)).squeeze(1)  # (B, C)
+            dist = dist.transpose(1, 2) + (qc @ self.query.bias.to(dt)).unsqueeze(-1)  # (B, C, N)
+            dist = torch.where(mask.unsqueeze(1), dist / math.sqrt(self.query_dim), float("-inf"))
             attention = torch.where(mask.unsqueeze(1), torch.softmax(dist, dim=-1), 0.0)  # (B, C, N)
-        v = self.dropout(self.value(x))
-        bag = torch.bmm(attention.to(v.dtype), v)  # (B, C, D)
+        if self.training and self.dropout.p > 0:
+            v = self.dropout(self.value(x))
+            bag = torch.bmm(attention.to(v.dtype), v)  # (B, C, D)
+        else:
+            # sum_i U_ic (W_v h_i + b_v) = W_v (sum_i U_ic h_i) + (sum_i U_ic) b_v: the value projection
+            # of C pooled vectors instead of N instances
+            pooled = torch.bmm(attention.to(x.dtype), x)  # (B, C, D)
+            bag = F.linear(pooled, self.value.weight) + attention.sum(-1, keepdim=True) * self.value.bias
         inp = bag.flatten(1)
         if self.use_clinical:
             cl = _check_clinical(clinical, batch, self.clinical_dim, "this dsmil pooling")

@@ -80,7 +80,8 @@ class DTFDPooling(MILPooling):
        per pseudo-bag). The score of an instance is ``1 - p_i[0]``, the probability of any class
        but class 0 (for two classes, the positive-class probability of the paper; class 0 is
        taken as the negative, "normal" class), compared through its logit so that it does not
-       saturate in float32. Exact ties go to the earliest position.
+       saturate in float32. Exact ties go to the earliest position in training, to the
+       instance first in the lexicographic order in eval.
     5. **Tier 2.** Gated attention over the distilled features (float32 softmax) gives the bag
        embedding ``(B, F)``; the fusion head on top plays the part of the paper's tier-2
        classifier, so this pooling is embedding-level and clinical fusion heads work with it.
@@ -205,6 +206,23 @@ class DTFDPooling(MILPooling):
         rank = torch.empty_like(order).scatter_(1, order, positions)
         return torch.where(mask, rank % self.num_pseudo_bags, -1)
 
+    @staticmethod
+    def _extreme(score: Tensor, member: Tensor, content: Tensor | None, largest: bool) -> Tensor:
+        """``(B, M)``: the member of each pseudo-bag with the highest (lowest) ``score`` ``(B, M, N)``.
+
+        Exact ties go to the earliest position in training and to the lowest content rank in eval
+        (so that the eval choice does not depend on the order of the instances either: instances
+        whose reduced features are equal, e.g. all zero after the ReLU, tie exactly).
+        """
+        fill = float("-inf") if largest else float("inf")
+        masked = torch.where(member, score, fill)
+        if content is None:
+            return masked.argmax(dim=-1) if largest else masked.argmin(dim=-1)
+        extreme = masked.amax(dim=-1, keepdim=True) if largest else masked.amin(dim=-1, keepdim=True)
+        tied = member & (masked == extreme)
+        key = torch.where(tied, content.unsqueeze(1), torch.iinfo(torch.long).max)
+        return key.argmin(dim=-1)
+
     def _pool_aux(
         self, x: Tensor, mask: Tensor, clinical: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -235,11 +253,10 @@ class DTFDPooling(MILPooling):
             # rank by logit(1 - p_i[0]) = logsumexp_{c>0} cam_c - cam_0: the same order, no saturation
             score = torch.logsumexp(cam[..., 1:], dim=-1) - cam[..., 0]
             score = score.unsqueeze(1).expand(b, m_count, n)  # (B, M, N)
-            top = torch.where(member, score, float("-inf")).argmax(dim=-1)  # (B, M)
-            picks = top
+            picks = self._extreme(score, member, content, largest=True)  # (B, M)
             if self.distill == "maxmins":
-                bottom = torch.where(member, score, float("inf")).argmin(dim=-1)
-                picks = torch.cat([top, bottom], dim=1)  # (B, 2M)
+                bottom = self._extreme(score, member, content, largest=False)
+                picks = torch.cat([picks, bottom], dim=1)  # (B, 2M)
             distilled = h.gather(1, picks.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             present = nonempty.repeat(1, picks.shape[1] // m_count)
 
