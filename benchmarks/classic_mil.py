@@ -273,10 +273,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{measured:.3f}",
                 abs(measured - published[0]) <= published[1],
             )
+    report.notes.append(
+        f"Arguments: --datasets {','.join(tables)} --poolings {','.join(poolings)} --repeats {args.repeats}"
+        f"{' --resume' if args.resume else ''}; aggregators not listed were not run "
+        f"(registered: {', '.join(list_poolings())})."
+    )
     if reused:
+        rest = "; the rest computed in this run" if len(reused) < len(results) else ""
         report.notes.append(
-            f"Reused (--resume, same settings) from {store.name}: {', '.join(reused)}; the rest computed in "
-            "this run."
+            f"Reused (--resume, same settings) from {store.name}, with the date each was computed: "
+            f"{', '.join(reused)}{rest}."
         )
     report.results = {"results": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}
     report.write()
