@@ -577,8 +577,8 @@ def fold_datasets(
 def _sample_ids_and_names(samples: Samples) -> tuple[list[str], list[list[str]]]:
     """Each sample's ID and the names its instances have in a feature cache (see ``cache_key``)."""
     if isinstance(samples, BagCohort):
-        return list(samples.ids), [[p.name for p in r.paths] for r in samples]
-    return [c.id for c in samples], [[f"{c.patient}/{c.path.name}"] for c in samples]
+        return list(samples.ids), [list(r.instance_names) for r in samples]
+    return [c.id for c in samples], [[c.instance_name] for c in samples]
 
 
 def cached_features(samples: BagCohort | CellSet, cache: Any) -> list[Tensor]:
@@ -1667,7 +1667,7 @@ def train_run(
     from milcell.nn.model import create_mil_model
     from milcell.train.crossval import SELECTIONS, cross_validate, fold_settings
     from milcell.train.features import FeatureCache, read_feature_cache
-    from milcell.train.loggers import RunLogger, make_loggers, parse_logger_names
+    from milcell.train.loggers import RunLogger, finish_on_error, make_loggers, parse_logger_names
 
     _check_samples(samples)
     logger_names = parse_logger_names([x for x in loggers if not isinstance(x, RunLogger)])
@@ -1913,101 +1913,104 @@ def train_run(
             name=None if out is None else out.name,
             csv_folder=None if out is None else out / "cv",
         )
-        for tracker in trackers:
-            tracker.start({"run": settings})
-        result = cross_validate(
-            lambda: create_mil_model(**model_args),
-            make_datasets,
-            labels,
-            groups,
-            n_splits=folds,
-            n_repeats=repeats,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            sampler=sampler,
-            trainer_kwargs=trainer_kwargs,
-            output_dir=None if out is None else out / "cv",
-            keep_models=True,
-            fingerprint=fingerprint,
-            folds=None if split is None else splits,
-            selection=selection,
-            inner_fraction=inner_fraction,
-            loggers=trackers,
-            callbacks_factory=(lambda fold: list(callbacks)) if callbacks else None,
-        )
-        # Each fold model's clinical scaling: fitted on what it trained on (make_datasets did the same).
-        scalers = [fit_clinical_scaler(samples, idx) for idx in result.fit_indices]
-        models = list(result.models)
-        if len(models) != len(keys):
-            raise CheckpointError(
-                f"cross-validation returned {len(models)} models for {len(keys)} folds; cannot save the run"
+        # The tracking runs end FAILED (KILLED on an interrupt) when the run raises; the error propagates.
+        with finish_on_error(*trackers):
+            for tracker in trackers:
+                tracker.start({"run": settings})
+            result = cross_validate(
+                lambda: create_mil_model(**model_args),
+                make_datasets,
+                labels,
+                groups,
+                n_splits=folds,
+                n_repeats=repeats,
+                seed=seed,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                sampler=sampler,
+                trainer_kwargs=trainer_kwargs,
+                output_dir=None if out is None else out / "cv",
+                keep_models=True,
+                fingerprint=fingerprint,
+                folds=None if split is None else splits,
+                selection=selection,
+                inner_fraction=inner_fraction,
+                loggers=trackers,
+                callbacks_factory=(lambda fold: list(callbacks)) if callbacks else None,
             )
-        for model in models:
-            model.eval()
-        config = {
-            "backbone": backbone,
-            "pooling": pooling,
-            "fusion": fusion,
-            "inputs": inputs,
-            "pretrained": bool(pretrained),
-            "checkpoint_path": checkpoint_path,
-            "trainable": trainable,
-            "chunk_size": chunk_size,
-            "folds": folds,
-            "repeats": repeats,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "image_size": prep.image_size,
-            "augment": augment,
-            "max_instances": max_instances,
-            "cache_images": cache is not None,
-            "precision": str(precision),
-            "sampler": sampler,
-            "monitor": monitor,
-            "patience": patience,
-            "num_workers": num_workers,
-            "features": None if feature_cache is None else str(feature_cache.path),
-            "split": _split_description(split),
-            "selection": selection,
-            "inner_fraction": inner_fraction if selection == "inner" else None,
-            "one_logit": one_logit,
-            "pos_weight": pos_weight,
-        }
-        record = {
-            "format": RUN_FORMAT,
-            "format_version": RUN_FORMAT_VERSION,
-            "milcell_version": milcell.__version__,
-            "data_format": data_format,
-            "class_names": class_names,
-            "clinical_names": clinical_names,
-            **prep.to_dict(),
-            "backbone_data_config": json_safe(backbone_config),
-            "max_instances": max_instances,
-            "config": json_safe(config),
-            "settings": settings,
-            "data": data_counts,
-            "train_ids": sorted({str(i) for i in result.oof.ids}),
-            "summary": {k: list(v) for k, v in result.summary.items()},
-            "models": [{"repeat": r, "fold": k} for r, k in keys],
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        if feature_cache is not None:
-            record["features"] = {**feature_cache.identity, "dim": feature_cache.dim}
-        if calibrate is not None:
-            record["calibration"] = _run_calibration(result.oof, calibrate)
-        run = SavedRun(record, models, scalers, None, result)
-        if out is not None:
-            save_run(run, out, figures=figures)
-        for tracker in trackers:
+            # Each fold model's clinical scaling: fitted on what it trained on (make_datasets did the same).
+            scalers = [fit_clinical_scaler(samples, idx) for idx in result.fit_indices]
+            models = list(result.models)
+            if len(models) != len(keys):
+                raise CheckpointError(
+                    f"cross-validation returned {len(models)} models for {len(keys)} folds; "
+                    "cannot save the run"
+                )
+            for model in models:
+                model.eval()
+            config = {
+                "backbone": backbone,
+                "pooling": pooling,
+                "fusion": fusion,
+                "inputs": inputs,
+                "pretrained": bool(pretrained),
+                "checkpoint_path": checkpoint_path,
+                "trainable": trainable,
+                "chunk_size": chunk_size,
+                "folds": folds,
+                "repeats": repeats,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "seed": seed,
+                "image_size": prep.image_size,
+                "augment": augment,
+                "max_instances": max_instances,
+                "cache_images": cache is not None,
+                "precision": str(precision),
+                "sampler": sampler,
+                "monitor": monitor,
+                "patience": patience,
+                "num_workers": num_workers,
+                "features": None if feature_cache is None else str(feature_cache.path),
+                "split": _split_description(split),
+                "selection": selection,
+                "inner_fraction": inner_fraction if selection == "inner" else None,
+                "one_logit": one_logit,
+                "pos_weight": pos_weight,
+            }
+            record = {
+                "format": RUN_FORMAT,
+                "format_version": RUN_FORMAT_VERSION,
+                "milcell_version": milcell.__version__,
+                "data_format": data_format,
+                "class_names": class_names,
+                "clinical_names": clinical_names,
+                **prep.to_dict(),
+                "backbone_data_config": json_safe(backbone_config),
+                "max_instances": max_instances,
+                "config": json_safe(config),
+                "settings": settings,
+                "data": data_counts,
+                "train_ids": sorted({str(i) for i in result.oof.ids}),
+                "summary": {k: list(v) for k, v in result.summary.items()},
+                "models": [{"repeat": r, "fold": k} for r, k in keys],
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            if feature_cache is not None:
+                record["features"] = {**feature_cache.identity, "dim": feature_cache.dim}
+            if calibrate is not None:
+                record["calibration"] = _run_calibration(result.oof, calibrate)
+            run = SavedRun(record, models, scalers, None, result)
             if out is not None:
-                for name in RUN_OUTPUTS:
-                    if name != "cv" and (out / name).exists():
-                        tracker.log_artifacts(out / name)
-            tracker.finish()
+                save_run(run, out, figures=figures)
+            for tracker in trackers:
+                if out is not None:
+                    for name in RUN_OUTPUTS:
+                        if name != "cv" and (out / name).exists():
+                            tracker.log_artifacts(out / name)
+                tracker.finish()
         return run
 
     if out is None:

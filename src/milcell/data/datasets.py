@@ -574,7 +574,7 @@ class BagDataset(_EpochMixin, Dataset[Bag]):
             label=record.label,
             clinical=None if self.clinical is None else self.clinical[index],
             id=record.id,
-            instance_names=tuple(p.name for p in paths),
+            instance_names=tuple(record.instance_names[int(i)] for i in keep),
         )
 
 

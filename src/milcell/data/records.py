@@ -57,8 +57,8 @@ class BagRecord:
     Examples
     --------
     >>> r = BagRecord("P3", 0, (Path("P3/1.jpg"), Path("P3/2.jpg")))
-    >>> r.num_instances
-    2
+    >>> r.num_instances, r.instance_names
+    (2, ('1.jpg', '2.jpg'))
     """
 
     id: str
@@ -70,6 +70,11 @@ class BagRecord:
     def num_instances(self) -> int:
         """Number of image files of the patient."""
         return len(self.paths)
+
+    @property
+    def instance_names(self) -> tuple[str, ...]:
+        """The name of each instance (its file name), as bags and feature caches key them."""
+        return tuple(p.name for p in self.paths)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,9 @@ class CellRecord:
 
     Examples
     --------
-    >>> CellRecord(Path("all/UID_3_1_1_all.bmp"), 1, "3").id
-    'UID_3_1_1_all'
+    >>> c = CellRecord(Path("all/UID_3_1_1_all.bmp"), 1, "3")
+    >>> c.id, c.instance_name
+    ('UID_3_1_1_all', '3/UID_3_1_1_all.bmp')
     """
 
     path: Path
@@ -103,6 +109,11 @@ class CellRecord:
     def id(self) -> str:
         """The file stem, used as the sample identifier."""
         return self.path.stem
+
+    @property
+    def instance_name(self) -> str:
+        """``"<patient>/<file name>"``: the cell's name in a feature cache (unique across patients)."""
+        return f"{self.patient}/{self.path.name}"
 
 
 class ClinicalScaler:

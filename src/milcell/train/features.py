@@ -140,11 +140,11 @@ def _items(dataset: Dataset[Bag]) -> tuple[list[str], list[list[str]], bool]:
         for i, record in enumerate(dataset.cohort):
             keep = select_instances(record.num_instances, dataset.max_instances, train=False, index=i)
             ids.append(record.id)
-            names.append([record.paths[int(k)].name for k in keep])
+            names.append([record.instance_names[int(k)] for k in keep])
         return ids, names, True
     if isinstance(dataset, InstanceDataset):
         ids = [r.id for r in dataset.cells]
-        names = [[f"{r.patient}/{r.path.name}"] for r in dataset.cells]
+        names = [[r.instance_name] for r in dataset.cells]
         return ids, names, True
     ids, names = [], []
     for i in range(len(dataset)):  # type: ignore[arg-type]
