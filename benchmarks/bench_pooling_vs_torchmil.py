@@ -268,8 +268,11 @@ def build_cases(
                     "not compared: random pseudo-bags; milcell's tier-1 attention is gated, torchmil's is not"
                 )
                 case.masking = (
-                    "milcell exact; torchmil batched splits the padded positions into the pseudo-bags "
-                    "(a bag's pseudo-bags depend on N_max, some hold padding only), exact only per bag"
+                    "milcell exact (eager on the CPU its per-instance layers run on the real instances "
+                    "only, gathered, so the padding is neither read nor computed; on an accelerator on "
+                    "the zeroed padded batch); torchmil batched splits the padded positions into the "
+                    "pseudo-bags (a bag's pseudo-bags depend on N_max, some hold padding only), exact only "
+                    "per bag"
                 )
         elif name == "transmil":
             ours = create_pooling(name, d, hidden=big, heads=heads, dropout=0.0).to(device)
@@ -385,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.notes.append(f"{origin}; install it as the module docstring says to compare.")
     report.notes.append(
         "milcell's poolings also validate their inputs (shapes, dtype, no empty bag: one host sync) and "
-        "zero the padded positions, so NaN/inf padding cannot leak into outputs or gradients."
+        "zero the padded positions (DTFD on the CPU gathers the real instances instead), so NaN/inf "
+        "padding cannot leak into outputs or gradients."
     )
     report.results = results
     report.write()

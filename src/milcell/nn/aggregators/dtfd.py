@@ -98,9 +98,16 @@ class DTFDPooling(MILPooling):
     their total weight equally (which copy joins which pseudo-bag, or is selected, is a matter
     of their order only), so the attention too is permutation-equivariant.
 
-    The whole forward pass runs on the device (sorting, gathers, scatters; no data-dependent
-    branch), so it never waits for it. Training is stochastic (the split) and draws from
-    torch's global generator; eval is deterministic.
+    **Padding costs nothing on the CPU.** In eager mode on the CPU the per-instance layers (the
+    reduction, the tier-1 attention network and ``W_1 h_i``) run on the real instances only,
+    gathered into one ``(R, D)`` matrix (``R`` the number of real instances of the batch), and
+    their results are scattered back; a padded position is never read. Elsewhere (an
+    accelerator, where reading ``R`` would be a host-device sync, or under tracing or
+    compiling) they run on the padded batch with the masked positions zeroed first, and the whole
+    forward pass stays on the device (sorting, gathers, scatters; no data-dependent branch),
+    so it never waits for it. Both give the same results; :attr:`pack_on_cpu` ``= False``
+    forces the padded way. Training is stochastic (the split) and draws from torch's global
+    generator; eval is deterministic.
 
     Parameters
     ----------
@@ -127,6 +134,10 @@ class DTFDPooling(MILPooling):
     ----------
     aux_loss_weights : dict of str to float
         ``{"tier1": tier1_loss_weight}``.
+    pack_on_cpu : bool
+        Class attribute, default ``True``: run the per-instance layers on the real instances only
+        when eager on the CPU (see above); set it to ``False`` on an instance (or the class) to
+        run them on the padded batch everywhere.
 
     Notes
     -----
@@ -149,6 +160,8 @@ class DTFDPooling(MILPooling):
     >>> sorted(losses), losses["tier1"].shape
     (['tier1'], torch.Size([]))
     """
+
+    pack_on_cpu: bool = True
 
     def __init__(
         self,
@@ -173,6 +186,53 @@ class DTFDPooling(MILPooling):
         self.tier1_attention = AttentionScorer(width, self.hidden, 1, drop, gated=True)
         self.tier1_classifier = nn.Linear(width, self.num_classes)
         self.tier2_attention = AttentionScorer(width, self.hidden, 1, drop, gated=True)
+
+    def _prepare(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Validate only: :meth:`_instance_layers` never lets a masked row reach a result.
+
+        On the packed path it gathers the real rows alone; on the padded one it zeroes the masked
+        positions first, as :meth:`MILPooling._prepare` does. Either way NaN/inf padding reaches
+        neither the outputs nor any gradient, and the gradient of ``x`` is exactly 0 there.
+        """
+        self._validate(x, mask)
+        return x
+
+    def _packs(self, x: Tensor) -> bool:
+        """Whether the instance layers run on the real rows only (eager CPU) or on the padded batch.
+
+        Packing needs the number of real instances on the host: free on the CPU, a host-device
+        sync on an accelerator, and a data-dependent shape that tracing or compiling would freeze.
+        """
+        if not self.pack_on_cpu or x.device.type != "cpu":
+            return False
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+            return False
+        # torch.compiler.is_compiling / is_exporting exist from torch 2.3 / 2.6 on
+        return not any(getattr(torch.compiler, name, bool)() for name in ("is_compiling", "is_exporting"))
+
+    def _instance_layers(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-instance layers: reduced features, tier-1 scores and class maps, masked rows zero.
+
+        Returns ``h`` ``(B, N, F)``, the tier-1 attention scores ``(B, N)`` and ``h W_1^T``
+        ``(B, N, C)``, each exactly 0 at masked positions; ``x`` may hold anything there. Packed
+        (see :meth:`_packs`), the layers see the real rows only, gathered into ``(R, D)``, and
+        their results are scattered back; padded, ``x`` is zeroed where masked first.
+        """
+        b, n = mask.shape
+        if self._packs(x):
+            rows = mask.reshape(-1).nonzero().squeeze(1)  # (R,) flat indices of the real instances
+            hp = self.reduce(x.reshape(b * n, -1).index_select(0, rows))  # (R, F)
+            sp = self.tier1_attention(hp)  # (R, 1)
+            cp = F.linear(hp, self.tier1_classifier.weight)  # (R, C)
+
+            def scatter(values: Tensor) -> Tensor:
+                return values.new_zeros(b * n, values.shape[1]).index_copy(0, rows, values).view(b, n, -1)
+
+            return scatter(hp), scatter(sp).squeeze(-1), scatter(cp)
+        x = torch.where(mask.unsqueeze(-1), x, 0.0)
+        h = zero_masked(self.reduce(x), mask)
+        s1 = torch.where(mask, self.tier1_attention(h).squeeze(-1), 0.0)
+        return h, s1, F.linear(h, self.tier1_classifier.weight)
 
     def pseudo_bags(self, x: Tensor, mask: Tensor) -> Tensor:
         """The pseudo-bag ``0 .. M-1`` of each instance, ``(B, N)`` long (``-1`` at masked positions).
@@ -228,22 +288,21 @@ class DTFDPooling(MILPooling):
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         b, n = mask.shape
         m_count = self.num_pseudo_bags
-        h = zero_masked(self.reduce(x), mask)  # (B, N, F)
-        content = None if self.training else self._content(x, mask)
+        h, s1, cam_raw = self._instance_layers(x, mask)  # (B, N, F), (B, N), (B, N, C); 0 where masked
+        content = None if self.training else self._content(torch.where(mask.unsqueeze(-1), x, 0.0), mask)
         groups = self._split(mask, content)
         ids = torch.arange(m_count, device=mask.device).view(1, m_count, 1)
         member = groups.unsqueeze(1) == ids  # (B, M, N); masked positions (-1) belong to none
         nonempty = member.any(dim=-1)  # (B, M)
 
         # tier 1: attention within each pseudo-bag
-        s1 = self.tier1_attention(h).squeeze(-1)  # (B, N)
         a1 = rowwise_softmax(s1.unsqueeze(1).expand(b, m_count, n), member)  # (B, M, N) float32
         feats = torch.bmm(a1.to(h.dtype), h)  # (B, M, F)
         tier1_logits = self.tier1_classifier(feats)  # (B, M, C)
 
         # instance probabilities p_i = softmax_c(a_i W_1 h_i) (each instance is in one pseudo-bag)
         a_inst = a1.sum(dim=1)  # (B, N)
-        cam = F.linear(h, self.tier1_classifier.weight).float() * a_inst.unsqueeze(-1)
+        cam = cam_raw.float() * a_inst.unsqueeze(-1)
         probs = torch.where(mask.unsqueeze(-1), torch.softmax(cam, dim=-1), 0.0)  # (B, N, C)
 
         # distillation: the tier-2 instances (B, K, F), their existence (B, K) and instance weights
