@@ -510,7 +510,7 @@ def test_predict_rejects_test_ids_that_trained_the_models(
 
 @pytest.mark.slow
 def test_train_calibrate_then_predict_alpha_writes_sets_and_refer_flags(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dlmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cohort = make_cohort(tmp_path / "dlmi", n_patients=26, seed=3, image_size=32, bag_size=(2, 3))
     out = tmp_path / "calibrated"
@@ -532,11 +532,10 @@ def test_train_calibrate_then_predict_alpha_writes_sets_and_refer_flags(
     assert main(["evaluate", "--run", str(out), "--split", "train", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "calibration   ECE    Brier  NLL" in printed and "referred" in printed
-    # --alpha on a run trained without --calibrate is refused with one line.
-    plain = tmp_path / "plain"
-    assert main([*args, *FAST, "--output-dir", str(plain)]) == 0
+    # --alpha on a run trained without --calibrate (the module's dlmi run) is refused with one line.
+    assert "calibration" not in json.loads((dlmi_run / "run.json").read_text())
     capsys.readouterr()
-    argv = ["predict", "--run", str(plain), "--output", str(tmp_path / "p.csv"), "--alpha", "0.2"]
+    argv = ["predict", "--run", str(dlmi_run), "--output", str(tmp_path / "p.csv"), "--alpha", "0.2"]
     assert main(argv) != 0
     assert "--calibrate" in _error_line(capsys)
     assert not (tmp_path / "p.csv").exists()  # refused before predicting

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,21 +26,35 @@ PACKAGES = ("milcell", "milcell.data", "milcell.nn", "milcell.train")
 SRC = Path(milcell.__file__).resolve().parent
 
 
+def _start(code: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``code`` in a fresh interpreter."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    """Wait for ``proc``; return its stdout (fail with its stderr)."""
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args!r} did not finish within 300 s")
+    assert proc.returncode == 0, err
+    return out
+
+
 def _run(code: str, *args: str) -> str:
     """Run ``code`` in a fresh interpreter; return its stdout (fail with its stderr)."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return _finish(_start(code, *args))
 
 
-def _loaded(code: str) -> dict[str, list[str]]:
-    """Run ``code``, which fills ``steps`` (name -> None); report the heavy modules loaded after each."""
+def _loaded_code(code: str) -> str:
+    """``code``, which calls ``step(name)``, made to print the heavy modules loaded at each step."""
     prelude = f"""
     import json, sys
     HEAVY = {HEAVY!r}
@@ -47,8 +62,90 @@ def _loaded(code: str) -> dict[str, list[str]]:
     def step(name):
         found[name] = sorted(m for m in HEAVY if m in sys.modules)
     """
-    out = _run(textwrap.dedent(prelude) + textwrap.dedent(code) + "\nprint(json.dumps(found))\n")
+    return textwrap.dedent(prelude) + textwrap.dedent(code) + "\nprint(json.dumps(found))\n"
+
+
+def _found(out: str) -> dict[str, list[str]]:
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _loaded(code: str) -> dict[str, list[str]]:
+    """Run ``code``, which calls ``step(name)``; report the heavy modules loaded after each step."""
+    return _found(_run(_loaded_code(code)))
+
+
+# The checks below that import torch (seconds each) run in fresh interpreters started together
+# by the ``fresh`` fixture, so that they overlap; each test then reads its own one's output.
+
+DEFERRED = """
+    import numpy as np
+    import milcell.data, milcell.train, milcell.metrics
+    for pkg in (milcell.data, milcell.train):
+        for name in pkg.__all__:
+            getattr(pkg, name)
+    step("every name of milcell.data and milcell.train")
+    s = milcell.data.ClinicalScaler(["age"]).fit(np.array([[20.0], [np.nan], [60.0]]))
+    step("ClinicalScaler.fit")
+    milcell.data.default_transform()
+    step("default_transform()")
+    milcell.metrics.binary_report([0, 1], [0.2, 0.7])
+    step("binary_report()")
+    milcell.data.patient_kfold([0, 1] * 3, n_splits=2)
+    milcell.create_pooling("mean", 4)
+    step("patient_kfold(), create_pooling()")
+    milcell.create_backbone("milcell_mini_resnet_k8")
+    step("create_backbone()")
+    """
+
+MINI_RESNET_PATHS = [
+    "import milcell.nn.mini_resnet",
+    "import milcell; milcell.create_backbone('milcell_mini_resnet_k32')",
+    "import milcell; milcell.create_mil_model(backbone='milcell_mini_resnet_k8')",
+    "import milcell.nn; milcell.nn.MiniResNet",
+]
+
+MINI_RESNET = """
+    {code}
+    import timm
+    net = timm.create_model("milcell_mini_resnet_k8", num_classes=0)
+    print(type(net).__name__, sorted(timm.list_models("milcell_*")))
+    """
+
+PUBLIC_NAME = """
+    import inspect
+    import milcell.train.noisy_student
+    from milcell.train import noisy_student
+    import milcell.train
+    print(inspect.isfunction(noisy_student), inspect.isfunction(milcell.train.noisy_student))
+    """
+
+
+@pytest.fixture(scope="module")
+def fresh(request: pytest.FixtureRequest) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """The slow fresh-interpreter checks the selected tests need, all started at once (killed at the end).
+
+    Keyed by ``"deferred"``, ``"public name"`` and the entries of ``MINI_RESNET_PATHS``.
+    """
+    codes = {
+        "deferred": _loaded_code(DEFERRED),
+        "public name": PUBLIC_NAME,
+        **{code: MINI_RESNET.format(code=code) for code in MINI_RESNET_PATHS},
+    }
+    by_test = {
+        "test_data_and_train_layers_defer_heavy_dependencies_until_used": "deferred",
+        "test_public_name_wins_over_the_submodule_of_the_same_name": "public name",
+    }
+    wanted = {
+        item.callspec.params["code"] if item.originalname not in by_test else by_test[item.originalname]
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.path == Path(__file__) and "fresh" in item.fixturenames
+    }
+    procs = {key: _start(code) for key, code in codes.items() if key in wanted}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def test_import_milcell_loads_no_heavy_dependency() -> None:
@@ -74,28 +171,10 @@ def test_cli_help_loads_no_heavy_dependency() -> None:
     assert help_text.startswith("usage: milcell")
 
 
-def test_data_and_train_layers_defer_heavy_dependencies_until_used() -> None:
-    found = _loaded(
-        """
-        import numpy as np
-        import milcell.data, milcell.train, milcell.metrics
-        for pkg in (milcell.data, milcell.train):
-            for name in pkg.__all__:
-                getattr(pkg, name)
-        step("every name of milcell.data and milcell.train")
-        s = milcell.data.ClinicalScaler(["age"]).fit(np.array([[20.0], [np.nan], [60.0]]))
-        step("ClinicalScaler.fit")
-        milcell.data.default_transform()
-        step("default_transform()")
-        milcell.metrics.binary_report([0, 1], [0.2, 0.7])
-        step("binary_report()")
-        milcell.data.patient_kfold([0, 1] * 3, n_splits=2)
-        milcell.create_pooling("mean", 4)
-        step("patient_kfold(), create_pooling()")
-        milcell.create_backbone("milcell_mini_resnet_k8")
-        step("create_backbone()")
-        """
-    )
+def test_data_and_train_layers_defer_heavy_dependencies_until_used(
+    fresh: dict[str, subprocess.Popen[str]],
+) -> None:
+    found = _found(_finish(fresh["deferred"]))
     assert found["every name of milcell.data and milcell.train"] == []
     assert found["ClinicalScaler.fit"] == []
     assert found["default_transform()"] == ["torchvision"]
@@ -104,24 +183,11 @@ def test_data_and_train_layers_defer_heavy_dependencies_until_used() -> None:
     assert "timm" in found["create_backbone()"]
 
 
-@pytest.mark.parametrize(
-    "code",
-    [
-        "import milcell.nn.mini_resnet",
-        "import milcell; milcell.create_backbone('milcell_mini_resnet_k32')",
-        "import milcell; milcell.create_mil_model(backbone='milcell_mini_resnet_k8')",
-        "import milcell.nn; milcell.nn.MiniResNet",
-    ],
-)
-def test_mini_resnet_is_registered_in_timm_whenever_milcell_could_ask_for_it(code: str) -> None:
-    out = _run(
-        f"""
-        {code}
-        import timm
-        net = timm.create_model("milcell_mini_resnet_k8", num_classes=0)
-        print(type(net).__name__, sorted(timm.list_models("milcell_*")))
-        """
-    )
+@pytest.mark.parametrize("code", MINI_RESNET_PATHS)
+def test_mini_resnet_is_registered_in_timm_whenever_milcell_could_ask_for_it(
+    code: str, fresh: dict[str, subprocess.Popen[str]]
+) -> None:
+    out = _finish(fresh[code])
     assert out.split(" ", 1) == [
         "MiniResNet",
         "['milcell_mini_resnet', 'milcell_mini_resnet_k32', 'milcell_mini_resnet_k64', "
@@ -129,17 +195,11 @@ def test_mini_resnet_is_registered_in_timm_whenever_milcell_could_ask_for_it(cod
     ]
 
 
-def test_public_name_wins_over_the_submodule_of_the_same_name() -> None:
+def test_public_name_wins_over_the_submodule_of_the_same_name(
+    fresh: dict[str, subprocess.Popen[str]],
+) -> None:
     # ``milcell.train.noisy_student`` is the function, also when its module is imported first.
-    out = _run(
-        """
-        import inspect
-        import milcell.train.noisy_student
-        from milcell.train import noisy_student
-        import milcell.train
-        print(inspect.isfunction(noisy_student), inspect.isfunction(milcell.train.noisy_student))
-        """
-    )
+    out = _finish(fresh["public name"])
     assert out.split() == ["True", "True"]
     assert inspect.isfunction(milcell.train.noisy_student)
 

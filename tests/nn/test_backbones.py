@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,49 @@ print(f"ELAPSED {time.monotonic() - start:.1f}")
 """
 
 
+NO_NETWORK = "test_pretrained_without_network_fails_fast_without_hf_hub_offline"
+
+
+@pytest.fixture(scope="module")
+def no_network_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[tuple[str, str], subprocess.Popen[str]]]:
+    """The selected cases of the test below, each a fresh interpreter, all started at once.
+
+    Each spends seconds importing torch and timm and then waiting for the probe's timeout: started
+    together, they wait together. Per case: no HF_HUB_OFFLINE, no proxy, empty weight caches.
+    """
+    cases = {
+        (item.callspec.params["name"], item.callspec.params["network"])
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.originalname == NO_NETWORK
+    }
+    proxies = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+    drop = {"HF_HUB_OFFLINE", *proxies}
+    procs = {}
+    for name, network in sorted(cases):
+        tmp = tmp_path_factory.mktemp("no_network")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env["HF_HOME"] = str(tmp / "hf")  # an empty cache: weights must be downloaded
+        env["TORCH_HOME"] = str(tmp / "torch")
+        if network == "refused":  # the real socket stack, pointed at a closed local port
+            env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+        script = tmp / "pretrained.py"
+        script.write_text(textwrap.dedent(_NO_NETWORK_SCRIPT))
+        procs[name, network] = subprocess.Popen(
+            [sys.executable, str(script), name, network],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize(
     ("name", "network"),
     [
@@ -343,26 +387,14 @@ print(f"ELAPSED {time.monotonic() - start:.1f}")
     ],
 )
 def test_pretrained_without_network_fails_fast_without_hf_hub_offline(
-    name: str, network: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, network: str, no_network_runs: dict[tuple[str, str], subprocess.Popen[str]]
 ) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: weights must be downloaded
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    if network == "refused":  # the real socket stack, pointed at a closed local port
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    script = tmp_path / "pretrained.py"
-    script.write_text(textwrap.dedent(_NO_NETWORK_SCRIPT))
+    proc = no_network_runs[name, network]
     try:
-        done = subprocess.run(
-            [sys.executable, str(script), name, network],
-            capture_output=True,
-            text=True,
-            timeout=120,  # the import of torch and timm included; never hangs the suite
-        )
+        stdout, stderr = proc.communicate(timeout=120)  # the import of torch and timm included
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"create_backbone({name!r}, pretrained=True) hung without network: {exc}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CheckpointError:" in done.stdout and "checkpoint_path" in done.stdout, done.stdout
     assert "HF_HUB_OFFLINE" in done.stdout

@@ -1,6 +1,7 @@
-"""Training driver for the fault tests: run in a subprocess, killed with SIGKILL, then resumed.
+"""Training driver for the fault tests: run in a child process, killed with SIGKILL, then resumed.
 
-Not a test module (its name does not start with ``test_``). Usage::
+Not a test module (its name does not start with ``test_``). The tests fork a child that calls
+:func:`main`; as a script::
 
     python _driver.py train --out DIR --epochs 3 [--resume] [--pause-at E:B --marker FILE]
                             [--kill-write FILE:DIR:N] [--kill-at STEP:DIR:N] [--always-improve]

@@ -1,9 +1,11 @@
 """Faults survived, nothing lost: SIGKILL mid-epoch and mid-write, interrupted caches and folds.
 
-The subprocess tests run ``_driver.py`` (a tiny feature-bag MILModel with dropout,
-shuffling and a scheduler, on the CPU with fixed seeds), kill it with SIGKILL at a
-deterministic point, check what is left on disk, resume it in this process and
-compare the result bit for bit with an uninterrupted run. Corruption of single
+The child-process tests run ``_driver.py`` (a tiny feature-bag MILModel with dropout,
+shuffling and a scheduler, on the CPU with fixed seeds) in a process forked from this one,
+kill it with SIGKILL at a deterministic point, check what is left on disk, resume it in
+this process and compare the result bit for bit with an uninterrupted run. (A fork, not a
+fresh interpreter: the child is a separate process that really dies by SIGKILL, without
+paying a second or more for importing torch every time.) Corruption of single
 files is covered in ``tests/train/test_checkpoint.py`` (load_checkpoint); here the
 same files are corrupted under every *entry point* that reads them.
 """
@@ -15,9 +17,9 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,6 @@ from milcell.train.distributed import make_loader
 from milcell.train.features import FEATURES_NAME, MANIFEST_NAME, extract_features
 from tests.reliability import _driver
 
-DRIVER = Path(_driver.__file__)
-REPO = DRIVER.parents[2]
 KILLED = -signal.SIGKILL
 
 
@@ -52,32 +52,72 @@ def _in_process(*args: str) -> None:
         torch.set_num_threads(threads)
 
 
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+class _Child:
+    """The driver's ``main(args)`` in a forked child process (its output goes to ``log``)."""
+
+    def __init__(self, args: tuple[str, ...], log: Path) -> None:
+        self.log = log
+        self.returncode: int | None = None
+        with warnings.catch_warnings():  # Python >= 3.12 warns about forking a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                with open(log, "w", encoding="utf-8") as fh:
+                    os.dup2(fh.fileno(), 1)
+                    os.dup2(fh.fileno(), 2)
+                    try:
+                        _driver.main(list(args))
+                        code = 0
+                    except BaseException:
+                        traceback.print_exc(file=fh)
+                        fh.flush()
+            finally:
+                os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """The exit code (``-signal`` when killed); SIGKILL it and fail after ``timeout`` s."""
+        start = time.monotonic()
+        while self.poll() is None:
+            if time.monotonic() - start > timeout:
+                os.kill(self.pid, signal.SIGKILL)
+                self.wait(60)
+                pytest.fail(f"the driver did not finish within {timeout} s:\n{self.output()}")
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8") if self.log.exists() else ""
 
 
-def _kill_when(marker: Path, proc: subprocess.Popen[bytes], timeout: float = 240.0) -> None:
+def _spawn(*args: str) -> _Child:
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    return _Child(args, out / "driver.log")
+
+
+def _kill_when(marker: Path, proc: _Child, timeout: float = 240.0) -> None:
     """SIGKILL ``proc`` as soon as it has written ``marker`` (it then sleeps mid-epoch)."""
     start = time.monotonic()
     while not marker.exists():
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            pytest.fail(f"the driver exited with {proc.returncode} before the pause:\n{out}")
+            pytest.fail(f"the driver exited with {proc.returncode} before the pause:\n{proc.output()}")
         if time.monotonic() - start > timeout:
-            proc.kill()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(60)
             pytest.fail("the driver never reached the pause")
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == KILLED
-    if proc.stdout:
-        proc.stdout.close()
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -156,8 +196,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     spec: str, tmp_path: Path, reference: dict[str, Path]
 ) -> None:
     proc = _spawn("train", "--out", str(tmp_path), "--epochs", "2", "--always-improve", "--kill-write", spec)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == KILLED, out.decode()
+    assert proc.wait(timeout=300) == KILLED, proc.output()
     ckpts = tmp_path / "run" / "checkpoints"
     which, folder, _ = spec.split(":")
     half_written = _stale(ckpts / folder)
@@ -203,8 +242,7 @@ def test_sigkill_at_every_step_of_a_checkpoint_publish_leaves_a_resumable_run(
     # Before the single commit point, a kill between the three renames left ``last`` with files of
     # two epochs: unresumable.
     proc = _spawn("train", "--out", str(tmp_path), "--epochs", "2", "--always-improve", "--kill-at", spec)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == KILLED, out.decode()
+    assert proc.wait(timeout=300) == KILLED, proc.output()
     step, folder, _ = spec.split(":")
     ckpts = tmp_path / "run" / "checkpoints"
     committed = PUBLISH_STEPS.index(step) >= PUBLISH_STEPS.index("committed")

@@ -103,8 +103,8 @@ def _script() -> ModuleType:
     return script
 
 
-def _torchrun(out_dir: Path, *args: str) -> dict[str, Any]:
-    """Run ddp_script.py on two gloo CPU ranks; rank 0's result."""
+def _torchrun(out_dir: Path, *args: str) -> None:
+    """Run ddp_script.py on two gloo CPU ranks (rank 0 writes its results under ``out_dir``)."""
     env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK"}}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
     cmd = [
@@ -120,13 +120,27 @@ def _torchrun(out_dir: Path, *args: str) -> dict[str, Any]:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(torch.load(out_dir / "result.pt", weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch (two ranks, batch 2 each) of both the training and the cross-validation.
+
+    Starting the ranks dominates the cost; the tests below read the results (``train``, ``cv``).
+    """
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun(out, "2", "both")
+    return out
+
+
+def _result(folder: Path) -> dict[str, Any]:
+    return dict(torch.load(folder / "result.pt", weights_only=True))
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
+def test_two_cpu_ranks_match_one_process(tmp_path: Path, ddp_runs: Path) -> None:
     single = _script().run(tmp_path / "single", 4, distributed=False)
-    ddp = _torchrun(tmp_path / "ddp", "2")
+    ddp = _result(ddp_runs / "train")
 
     for name, value in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], value, atol=1e-5, rtol=1e-5)
@@ -139,16 +153,16 @@ def test_two_cpu_ranks_match_one_process(tmp_path: Path) -> None:
     order = [ddp["ids"].index(i) for i in single["ids"]]
     torch.testing.assert_close(ddp["probabilities"][order], single["probabilities"], atol=1e-5, rtol=1e-5)
     assert len(ddp["attention_sizes"]) == 9
-    rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
+    rows = (ddp_runs / "train" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,lr,train_loss,val_loss")
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_cross_validate_like_one_process(tmp_path: Path) -> None:
+def test_two_cpu_ranks_cross_validate_like_one_process(tmp_path: Path, ddp_runs: Path) -> None:
     # Oversampled training loaders and validation loaders sharded over 2 ranks (batch 2 each)
     # against one process with the same global batch (4): same weights, same out-of-fold predictions.
     single = _script().run_cv(tmp_path / "single", 4)
-    ddp = _torchrun(tmp_path / "ddp", "2", "cv")
+    ddp = _result(ddp_runs / "cv")
     assert len(ddp["states"]) == len(single["states"]) == 2
     for mine, ref in zip(ddp["states"], single["states"], strict=True):
         for name, value in ref.items():
