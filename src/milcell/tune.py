@@ -59,6 +59,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -288,7 +289,10 @@ class TrialReporter(Callback):
     The step is ``fold_index * max_epochs + epoch`` (folds in the order they
     train), so trials are compared at the same fold and epoch. ``report(value,
     step)`` returns True when the trial should stop; the reporter then raises
-    ``prune_error()``.
+    ``prune_error()``, marked (``tracking_status = "KILLED"``) so that the
+    tracking runs of the trial (``milcell tune`` with ``logger:``) end
+    ``KILLED`` rather than ``FAILED``; a trial Ray's scheduler stops exits the
+    same way (Ray raises :class:`SystemExit` in it).
 
     Parameters
     ----------
@@ -333,7 +337,11 @@ class TrialReporter(Callback):
             return
         step = max(self._fold, 0) * self._epochs + int(logs.get("epoch", 0))
         if self._report(float(value), step):
-            raise self._prune_error()
+            error = self._prune_error()
+            # A pruned trial is stopped, not broken: its tracking runs end KILLED (see finish_on_error).
+            with contextlib.suppress(AttributeError):
+                error.tracking_status = "KILLED"  # type: ignore[attr-defined]
+            raise error
 
 
 @dataclasses.dataclass

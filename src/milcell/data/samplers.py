@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import ConcatDataset, Sampler
 
 from milcell._validation import check_int, check_real
 from milcell.exceptions import ConfigError, DataError
@@ -78,16 +78,35 @@ def _labels_of(source: Any) -> np.ndarray:
 def bag_sizes(dataset: Any) -> np.ndarray | None:
     """Instances per item of ``dataset`` when known without loading any image, else None.
 
-    Read from a ``bag_size(i)`` method (:class:`~milcell.data.FeatureBagDataset`), through a
-    :class:`~torch.utils.data.Subset`, or from the lengths of an in-memory sequence of
-    :class:`~milcell.data.Bag`.
+    Read from a ``bag_size(i)`` method (:class:`~milcell.data.BagDataset` counts the image
+    files of the patient, after the ``max_instances`` cap;
+    :class:`~milcell.data.FeatureBagDataset` the feature rows), through a
+    :class:`~torch.utils.data.Subset` (or any view with ``dataset`` and ``indices``) and a
+    :class:`~torch.utils.data.ConcatDataset` (when every part's sizes are known), or from
+    the lengths of an in-memory sequence of :class:`~milcell.data.Bag`. The sharded samplers
+    deal bags by these sizes; without them they fall back to
+    :class:`~torch.utils.data.DistributedSampler`'s assignment.
+
+    Parameters
+    ----------
+    dataset : Dataset or sequence of Bag
+        ``n`` items.
+
+    Returns
+    -------
+    ndarray or None
+        ``(n,)`` int64 instances per item, or None when unknown.
 
     Examples
     --------
     >>> import torch
+    >>> from torch.utils.data import ConcatDataset, Subset
     >>> from milcell.data import Bag
-    >>> bag_sizes([Bag(torch.rand(3, 2)), Bag(torch.rand(5, 2))]).tolist()
+    >>> bags = [Bag(torch.rand(3, 2)), Bag(torch.rand(5, 2))]
+    >>> bag_sizes(bags).tolist()
     [3, 5]
+    >>> bag_sizes(ConcatDataset([Subset(bags, [1]), bags])).tolist()
+    [5, 3, 5]
     >>> bag_sizes(range(4)) is None
     True
     """
@@ -99,7 +118,13 @@ def bag_sizes(dataset: Any) -> np.ndarray | None:
     inner, indices = getattr(dataset, "dataset", None), getattr(dataset, "indices", None)
     if inner is not None and indices is not None:  # torch.utils.data.Subset
         sizes = bag_sizes(inner)
-        return None if sizes is None else sizes[np.asarray(indices, dtype=np.int64)]
+        return None if sizes is None else sizes[np.asarray(indices, dtype=np.int64).reshape(-1)]
+    parts = getattr(dataset, "datasets", None)
+    if isinstance(dataset, ConcatDataset) and parts:
+        found = [bag_sizes(part) for part in parts]
+        if any(sizes is None for sizes in found):
+            return None
+        return np.concatenate([sizes for sizes in found if sizes is not None]).astype(np.int64)
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(b, Bag) for b in dataset):
         return np.array([len(b) for b in dataset], dtype=np.int64)
     return None

@@ -930,83 +930,90 @@ def cross_validate(
     if executor != "sequential":
         todo = [f for f in splits if root is None or not (_fold_dir(root, f) / RESULT_NAME).is_file()]
         elsewhere = _run_folds_elsewhere(executor, todo, seed, root, fold_args, executor_options)
-    parents = _start_loggers(loggers, splits, fold_args, n_splits, n_repeats, seed)
-    for fold in splits:
-        fold_seed = seed + 1000 * fold.repeat + fold.fold
-        fold_dir = None if root is None else _fold_dir(root, fold)
-        loaded = (
-            None
-            if fold_dir is None
-            else _load_finished(fold_dir, fold, build_model, keep_models or calibrate is not None)
-        )
-        children = [
-            lg.child(f"fold_{fold.repeat}_{fold.fold}", {"repeat": fold.repeat, "fold": fold.fold})
-            for lg in loggers
-        ]
-        live = loaded is None and (fold.repeat, fold.fold) not in elsewhere
-        if loaded is not None:
-            record, model = loaded
-        elif not live:
-            record, model = elsewhere[(fold.repeat, fold.fold)]
-        else:
-            record, model = _run_fold(
-                fold,
-                fold_seed,
-                build_model,
-                make_datasets,
-                y,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                sampler=sampler,
-                drop_last=drop_last,
-                kwargs=kwargs,
-                build_optimizer=build_optimizer,
-                build_scheduler=build_scheduler,
-                fold_dir=fold_dir,
-                callbacks_factory=_with_loggers(callbacks_factory, children),
-                settings=settings,
-                groups=g,
-                selection=selection,
-                inner_fraction=inner_fraction,
+    from milcell.train.loggers import finish_on_error
+
+    # Runs opened here (the parents not started by the caller, every fold's children) end FAILED
+    # (KILLED on an interrupt) when a fold raises; the error then propagates.
+    with finish_on_error(*(lg for lg in loggers if not getattr(lg, "active", True))) as opened:
+        parents = _start_loggers(loggers, splits, fold_args, n_splits, n_repeats, seed)
+        for fold in splits:
+            fold_seed = seed + 1000 * fold.repeat + fold.fold
+            fold_dir = None if root is None else _fold_dir(root, fold)
+            loaded = (
+                None
+                if fold_dir is None
+                else _load_finished(fold_dir, fold, build_model, keep_models or calibrate is not None)
             )
-        metrics = {k: float(v) for k, v in record["metrics"].items()}
-        fit_indices.append(np.asarray(record.get("fit", record["train"]), dtype=np.int64))
-        fold_rows.append({**metrics, "repeat": float(fold.repeat), "fold": float(fold.fold)})
-        histories.append([{k: float(v) for k, v in row.items()} for row in record["history"]])
-        oof_parts.append(record["oof"] | {"repeat": fold.repeat, "fold": fold.fold})
-        if calibrate is not None:
-            calibrated_parts.append(
-                _calibrate_fold(
-                    model,
-                    make_datasets,
+            children = []
+            for lg in loggers:
+                children.append(
+                    lg.child(f"fold_{fold.repeat}_{fold.fold}", {"repeat": fold.repeat, "fold": fold.fold})
+                )
+                opened.append(children[-1])
+            live = loaded is None and (fold.repeat, fold.fold) not in elsewhere
+            if loaded is not None:
+                record, model = loaded
+            elif not live:
+                record, model = elsewhere[(fold.repeat, fold.fold)]
+            else:
+                record, model = _run_fold(
                     fold,
-                    record,
-                    calibrate,
+                    fold_seed,
+                    build_model,
+                    make_datasets,
+                    y,
                     batch_size=batch_size,
                     num_workers=num_workers,
-                    trainer_kwargs=kwargs,
+                    sampler=sampler,
+                    drop_last=drop_last,
+                    kwargs=kwargs,
+                    build_optimizer=build_optimizer,
+                    build_scheduler=build_scheduler,
+                    fold_dir=fold_dir,
+                    callbacks_factory=_with_loggers(callbacks_factory, children),
+                    settings=settings,
+                    groups=g,
+                    selection=selection,
+                    inner_fraction=inner_fraction,
                 )
+            metrics = {k: float(v) for k, v in record["metrics"].items()}
+            fit_indices.append(np.asarray(record.get("fit", record["train"]), dtype=np.int64))
+            fold_rows.append({**metrics, "repeat": float(fold.repeat), "fold": float(fold.fold)})
+            histories.append([{k: float(v) for k, v in row.items()} for row in record["history"]])
+            oof_parts.append(record["oof"] | {"repeat": fold.repeat, "fold": fold.fold})
+            if calibrate is not None:
+                calibrated_parts.append(
+                    _calibrate_fold(
+                        model,
+                        make_datasets,
+                        fold,
+                        record,
+                        calibrate,
+                        batch_size=batch_size,
+                        num_workers=num_workers,
+                        trainer_kwargs=kwargs,
+                    )
+                )
+                fold_rows[-1].update(calibrated_parts[-1][0])
+            if keep_models and model is not None:
+                models.append(model)
+            summary_line = ", ".join(
+                f"{k}={metrics[k]:.3f}" for k in ("balanced_accuracy", "auc", "accuracy") if k in metrics
             )
-            fold_rows[-1].update(calibrated_parts[-1][0])
-        if keep_models and model is not None:
-            models.append(model)
-        summary_line = ", ".join(
-            f"{k}={metrics[k]:.3f}" for k in ("balanced_accuracy", "auc", "accuracy") if k in metrics
-        )
-        logger.info(
-            "cross_validate: repeat %d fold %d: %s%s",
-            fold.repeat,
-            fold.fold,
-            summary_line,
-            " (optimistic: selected on this fold)" if selection == "outer" else "",
-        )
+            logger.info(
+                "cross_validate: repeat %d fold %d: %s%s",
+                fold.repeat,
+                fold.fold,
+                summary_line,
+                " (optimistic: selected on this fold)" if selection == "outer" else "",
+            )
 
-        _finish_fold_loggers(children, record, fold_rows[-1], live)
+            _finish_fold_loggers(children, record, fold_rows[-1], live)
 
-    summary = summarize_folds(
-        [{k: v for k, v in r.items() if k not in ("repeat", "fold")} for r in fold_rows]
-    )
-    _finish_loggers(loggers, parents, summary)
+        summary = summarize_folds(
+            [{k: v for k, v in r.items() if k not in ("repeat", "fold")} for r in fold_rows]
+        )
+        _finish_loggers(loggers, parents, summary)
     oof = OOFPredictions(
         ids=[i for part in oof_parts for i in part["ids"]],
         indices=np.concatenate([np.asarray(p["indices"], dtype=np.int64) for p in oof_parts]),
@@ -1279,13 +1286,14 @@ def _start_loggers(
             "inner_fraction": fold_args["inner_fraction"],
         },
     }
-    started = []
-    for lg in loggers:
+    for lg in loggers:  # all checked before any run opens
         if not isinstance(lg, RunLogger):
             raise ConfigError(
                 f"cross_validate: loggers must be milcell.train.loggers.RunLogger objects, got "
                 f"{type(lg).__name__} (build them by name with make_loggers)"
             )
+    started = []
+    for lg in loggers:
         started.append(not lg.active)
         lg.start(params)
     return started

@@ -32,6 +32,16 @@ run folder and its figures as artifacts.
   when it uses one); any tracking URI (a server, ``sqlite:///...``) otherwise.
   Needs ``mlflow`` or ``mlflow-skinny``.
 
+A run that an error interrupts is not left ``RUNNING``: every place that
+opens runs (:func:`~milcell.train.crossval.cross_validate`,
+:func:`~milcell.train.noisy_student.noisy_student`,
+:func:`milcell.runs.train_run`, and so the trials of :mod:`milcell.tune`)
+does so under :func:`finish_on_error`, which closes the runs it opened with
+``"FAILED"`` (``"KILLED"`` for a :class:`KeyboardInterrupt` or a pruned
+trial) and re-raises. A logger given to a bare
+:class:`~milcell.train.trainer.Trainer` is the caller's to close: wrap the
+``fit`` in ``with finish_on_error(lg):`` for the same behaviour.
+
 The optional packages are imported only when a logger that needs them is
 built; a missing one raises a :class:`~milcell.exceptions.ConfigError` naming
 the extra to install (``pip install "milcell[track]"``). :func:`make_loggers`
@@ -57,11 +67,12 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +86,8 @@ __all__ = [
     "MLflowLogger",
     "RunLogger",
     "TensorBoardLogger",
+    "error_status",
+    "finish_on_error",
     "flatten_params",
     "make_loggers",
     "parse_logger_names",
@@ -566,6 +579,77 @@ class MLflowLogger(RunLogger):
             self.client.log_artifacts(self._id, str(source), artifact_path=source.name)
         else:
             self.client.log_artifact(self._id, str(source))
+
+
+def error_status(error: BaseException) -> str:
+    """The status of a tracking run that ``error`` ends: ``"KILLED"`` or ``"FAILED"``.
+
+    A :class:`KeyboardInterrupt` (or :class:`SystemExit`) kills a run; an
+    exception with a ``tracking_status`` attribute gives its own (a trial a
+    tuning backend prunes: ``"KILLED"``); any other error fails it.
+
+    Examples
+    --------
+    >>> error_status(KeyboardInterrupt()), error_status(ValueError("bad bag"))
+    ('KILLED', 'FAILED')
+    """
+    own = getattr(error, "tracking_status", None)
+    if own in ("FAILED", "KILLED", "FINISHED"):
+        return str(own)
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+@contextlib.contextmanager
+def finish_on_error(*runs: RunLogger) -> Iterator[list[RunLogger]]:
+    """Close the runs opened in a block with ``"FAILED"`` / ``"KILLED"`` when it raises, then re-raise.
+
+    Yields the list of runs to close (``runs`` to begin with); append the runs
+    (parents, child runs) the block opens. When an exception leaves the block,
+    every run of the list that is still open is finished with
+    :func:`error_status` of the exception, newest first (children before their
+    parent); a run that cannot be closed (a tracking server gone) is logged as
+    a warning, and the block's own exception propagates unchanged. Runs the
+    block finished itself are left as they are (:meth:`RunLogger.finish` is
+    idempotent). Nothing happens when the block ends normally.
+
+    Parameters
+    ----------
+    *runs : RunLogger
+        Runs opened before the block.
+
+    Yields
+    ------
+    list of RunLogger
+        The runs to close on an error.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> parent = CSVLogger(tempfile.mkdtemp()).start()
+    >>> try:
+    ...     with finish_on_error(parent) as opened:
+    ...         opened.append(parent.child("fold_0_0"))
+    ...         raise RuntimeError("fold 0 failed")
+    ... except RuntimeError:
+    ...     pass
+    >>> parent.finished, opened[1].finished
+    (True, True)
+    """
+    opened = list(runs)
+    try:
+        yield opened
+    except BaseException as error:
+        status = error_status(error)
+        for run in reversed(opened):
+            if not run.active:
+                continue
+            try:
+                run.finish(status)
+            except Exception as close_error:  # the original error matters more
+                logger.warning(
+                    "could not close the %s run %r as %s: %s", run.kind, run.name, status, close_error
+                )
+        raise
 
 
 def parse_logger_names(names: str | Sequence[str] | None) -> list[str]:

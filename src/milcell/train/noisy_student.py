@@ -72,6 +72,7 @@ from milcell.data.bag import Bag
 from milcell.exceptions import ConfigError, DataError
 from milcell.train.distributed import make_loader
 from milcell.train.fit import fit_model
+from milcell.train.loggers import finish_on_error
 from milcell.train.trainer import Trainer
 
 __all__ = ["NoisyStudentResult", "PseudoLabelledDataset", "noisy_student"]
@@ -156,6 +157,9 @@ class _OneHot(Dataset[Bag]):
     def __init__(self, dataset: Dataset[Bag], num_classes: int) -> None:
         self.dataset = dataset
         self.num_classes = num_classes
+        # An item-for-item view: bag_sizes (the sharded samplers under torchrun) reads the
+        # sizes of ``dataset`` through these, as through a Subset.
+        self.indices = range(len(dataset))  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -352,92 +356,26 @@ def noisy_student(
         )
 
     started = [not lg.active for lg in loggers]
-    for lg in loggers:
-        lg.start(
-            {
-                "noisy_student": {
-                    "iterations": iterations,
-                    "soft": soft,
-                    "threshold": threshold,
-                    "batch_size": batch_size,
-                    "seed": seed,
+    # The runs opened here end FAILED (KILLED on an interrupt) when training raises; the error propagates.
+    with finish_on_error(*(lg for lg, mine in zip(loggers, started, strict=True) if mine)) as opened:
+        for lg in loggers:
+            lg.start(
+                {
+                    "noisy_student": {
+                        "iterations": iterations,
+                        "soft": soft,
+                        "threshold": threshold,
+                        "batch_size": batch_size,
+                        "seed": seed,
+                    }
                 }
-            }
-        )
-    children = [lg.child("teacher", {"iteration": 0}) for lg in loggers]
-    teacher, trainer, history, metrics = _fit(
-        build_teacher,
-        seed,
-        labelled,
-        val,
-        batch_size,
-        num_workers,
-        kwargs,
-        build_optimizer,
-        build_scheduler,
-        drop_last,
-        children,
-    )
-    rows = [
-        {
-            "iteration": 0.0,
-            "n_train": float(_size(labelled)),
-            "n_pseudo": 0.0,
-            "best_epoch": float(trainer.best_epoch),
-            **metrics,
-        }
-    ]
-    _finish_children(children, rows[-1])
-    models, histories, stats = [teacher], [history], []
-    logger.info("noisy_student: teacher trained; %s", _brief(metrics))
-    for it in range(1, iterations + 1):
-        preds = trainer.predict(make_loader(eval_source, batch_size, shuffle=False, num_workers=num_workers))
-        if unlabelled_eval is not None:
-            own_ids = _ids(unlabelled)
-            if own_ids is not None and own_ids != list(preds.ids):
-                raise DataError(
-                    "noisy_student: unlabelled_eval yields other bag ids than unlabelled "
-                    f"({preds.ids[:3]}... vs {own_ids[:3]}...); they must list the same items in order"
-                )
-        probs = preds.probabilities.float()
-        confidence, hard = probs.max(dim=1)
-        keep = (
-            torch.ones_like(confidence, dtype=torch.bool)
-            if threshold is None
-            else confidence >= float(threshold)
-        )
-        kept = keep.nonzero().flatten()
-        stat: dict[str, float] = {
-            "iteration": float(it),
-            "n_unlabelled": float(len(probs)),
-            "n_kept": float(len(kept)),
-            "kept_fraction": float(len(kept)) / max(1, len(probs)),
-            "mean_confidence": float(confidence[kept].mean()) if len(kept) else math.nan,
-        }
-        for c in range(probs.shape[1]):
-            stat[f"n_class_{c}"] = float((hard[kept] == c).sum())
-        truth = preds.labels
-        known = truth[kept] >= 0
-        if bool(known.any()):
-            stat["pseudo_accuracy"] = float((hard[kept][known] == truth[kept][known]).float().mean())
-        stats.append(stat)
-        logger.info("noisy_student: iteration %d pseudo-labels: %s", it, _brief(stat))
-        if len(kept) == 0:
-            raise DataError(
-                f"noisy_student: iteration {it}: no unlabelled item reaches threshold={threshold} "
-                f"(top teacher confidence {float(confidence.max()):.3f}); lower the threshold"
             )
-        if soft:
-            pseudo: Dataset[Bag] = PseudoLabelledDataset(unlabelled, kept.numpy(), soft_labels=probs[kept])
-            train: Dataset[Bag] = ConcatDataset([_OneHot(labelled, probs.shape[1]), pseudo])
-        else:
-            pseudo = PseudoLabelledDataset(unlabelled, kept.numpy(), labels=hard[kept].numpy())
-            train = ConcatDataset([labelled, pseudo])
-        children = [lg.child(f"student_{it}", {"iteration": it}) for lg in loggers]
-        student, trainer, history, metrics = _fit(
-            build_student,
-            seed + it,
-            train,
+        children = [lg.child("teacher", {"iteration": 0}) for lg in loggers]
+        opened.extend(children)
+        teacher, trainer, history, metrics = _fit(
+            build_teacher,
+            seed,
+            labelled,
             val,
             batch_size,
             num_workers,
@@ -447,23 +385,97 @@ def noisy_student(
             drop_last,
             children,
         )
-        rows.append(
+        rows = [
             {
-                "iteration": float(it),
-                "n_train": float(_size(train)),
-                "n_pseudo": float(_size(pseudo)),
+                "iteration": 0.0,
+                "n_train": float(_size(labelled)),
+                "n_pseudo": 0.0,
                 "best_epoch": float(trainer.best_epoch),
                 **metrics,
             }
-        )
-        _finish_children(children, {**rows[-1], **{f"pseudo_{k}": v for k, v in stat.items()}})
-        models.append(student)
-        histories.append(history)
-        logger.info("noisy_student: student %d trained; %s", it, _brief(metrics))
-    for lg, mine in zip(loggers, started, strict=True):
-        lg.log_metrics(rows[-1])
-        if mine:
-            lg.finish()
+        ]
+        _finish_children(children, rows[-1])
+        models, histories, stats = [teacher], [history], []
+        logger.info("noisy_student: teacher trained; %s", _brief(metrics))
+        for it in range(1, iterations + 1):
+            preds = trainer.predict(
+                make_loader(eval_source, batch_size, shuffle=False, num_workers=num_workers)
+            )
+            if unlabelled_eval is not None:
+                own_ids = _ids(unlabelled)
+                if own_ids is not None and own_ids != list(preds.ids):
+                    raise DataError(
+                        "noisy_student: unlabelled_eval yields other bag ids than unlabelled "
+                        f"({preds.ids[:3]}... vs {own_ids[:3]}...); they must list the same items in order"
+                    )
+            probs = preds.probabilities.float()
+            confidence, hard = probs.max(dim=1)
+            keep = (
+                torch.ones_like(confidence, dtype=torch.bool)
+                if threshold is None
+                else confidence >= float(threshold)
+            )
+            kept = keep.nonzero().flatten()
+            stat: dict[str, float] = {
+                "iteration": float(it),
+                "n_unlabelled": float(len(probs)),
+                "n_kept": float(len(kept)),
+                "kept_fraction": float(len(kept)) / max(1, len(probs)),
+                "mean_confidence": float(confidence[kept].mean()) if len(kept) else math.nan,
+            }
+            for c in range(probs.shape[1]):
+                stat[f"n_class_{c}"] = float((hard[kept] == c).sum())
+            truth = preds.labels
+            known = truth[kept] >= 0
+            if bool(known.any()):
+                stat["pseudo_accuracy"] = float((hard[kept][known] == truth[kept][known]).float().mean())
+            stats.append(stat)
+            logger.info("noisy_student: iteration %d pseudo-labels: %s", it, _brief(stat))
+            if len(kept) == 0:
+                raise DataError(
+                    f"noisy_student: iteration {it}: no unlabelled item reaches threshold={threshold} "
+                    f"(top teacher confidence {float(confidence.max()):.3f}); lower the threshold"
+                )
+            if soft:
+                pseudo: Dataset[Bag] = PseudoLabelledDataset(
+                    unlabelled, kept.numpy(), soft_labels=probs[kept]
+                )
+                train: Dataset[Bag] = ConcatDataset([_OneHot(labelled, probs.shape[1]), pseudo])
+            else:
+                pseudo = PseudoLabelledDataset(unlabelled, kept.numpy(), labels=hard[kept].numpy())
+                train = ConcatDataset([labelled, pseudo])
+            children = [lg.child(f"student_{it}", {"iteration": it}) for lg in loggers]
+            opened.extend(children)
+            student, trainer, history, metrics = _fit(
+                build_student,
+                seed + it,
+                train,
+                val,
+                batch_size,
+                num_workers,
+                kwargs,
+                build_optimizer,
+                build_scheduler,
+                drop_last,
+                children,
+            )
+            rows.append(
+                {
+                    "iteration": float(it),
+                    "n_train": float(_size(train)),
+                    "n_pseudo": float(_size(pseudo)),
+                    "best_epoch": float(trainer.best_epoch),
+                    **metrics,
+                }
+            )
+            _finish_children(children, {**rows[-1], **{f"pseudo_{k}": v for k, v in stat.items()}})
+            models.append(student)
+            histories.append(history)
+            logger.info("noisy_student: student %d trained; %s", it, _brief(metrics))
+        for lg, mine in zip(loggers, started, strict=True):
+            lg.log_metrics(rows[-1])
+            if mine:
+                lg.finish()
     return NoisyStudentResult(rows, models, stats, histories)
 
 
