@@ -11,6 +11,7 @@ import torch
 
 from milcell.data import FeatureBagDataset
 from milcell.nn.model import create_mil_model
+from milcell.train import Trainer, make_loader
 from milcell.train.callbacks import Callback
 from milcell.train.crossval import cross_validate, feature_subset
 from milcell.train.loggers import MLflowLogger, RunLogger, error_status, finish_on_error
@@ -195,3 +196,52 @@ def test_error_status_and_a_run_that_cannot_be_closed(caplog: pytest.LogCaptureF
     with finish_on_error(fine := Memory("ok").start()):
         pass
     assert fine.active  # no error: nothing is closed
+
+
+class _RaiseAtEpoch(Callback):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def on_epoch_end(self, trainer: Any, logs: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "status"), [(Boom("epoch 1"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_bare_trainer_closes_its_logger_when_fit_raises(error: BaseException, status: str) -> None:
+    ds = _dataset()
+    lg = Memory("bare")
+    trainer = Trainer(
+        create_mil_model(None, pooling="mean", in_dim=4),
+        max_epochs=2,
+        progress=False,
+        callbacks=[lg, _RaiseAtEpoch(error)],
+    )
+    with pytest.raises(type(error)):
+        trainer.fit(make_loader(ds, batch_size=4, shuffle=False))
+    assert (lg.finished, lg.status) == (True, status)
+
+
+def test_bare_trainer_leaves_its_logger_open_after_a_normal_fit() -> None:
+    lg = Memory("bare")
+    Trainer(
+        create_mil_model(None, pooling="mean", in_dim=4), max_epochs=1, progress=False, callbacks=[lg]
+    ).fit(make_loader(_dataset(), batch_size=4, shuffle=False))
+    assert lg.active and not lg.finished and lg.status is None
+    lg.finish()
+    assert lg.status == "FINISHED"
+
+
+def test_a_failing_error_hook_does_not_hide_the_training_error(caplog: pytest.LogCaptureFixture) -> None:
+    class BadHook(Callback):
+        def on_fit_error(self, trainer: Any, error: BaseException) -> None:
+            raise OSError("tracking server gone")
+
+    trainer = Trainer(
+        create_mil_model(None, pooling="mean", in_dim=4),
+        max_epochs=1,
+        progress=False,
+        callbacks=[BadHook(), _RaiseAtEpoch(Boom("epoch 1"))],
+    )
+    with caplog.at_level("WARNING", logger="milcell"), pytest.raises(Boom):
+        trainer.fit(make_loader(_dataset(), batch_size=4, shuffle=False))
+    assert "tracking server gone" in caplog.text

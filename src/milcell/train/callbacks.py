@@ -44,6 +44,9 @@ class Callback:
     def on_fit_end(self, trainer: Any, logs: Mapping[str, float]) -> None:
         """Called when ``fit`` ends (also after early stopping), with ``epoch`` and ``best_epoch``."""
 
+    def on_fit_error(self, trainer: Any, error: BaseException) -> None:
+        """Called when ``fit`` is left by ``error`` (which then propagates), e.g. to close a run."""
+
 
 class LambdaCallback(Callback):
     """A callback built from functions ``f(trainer, logs)``.

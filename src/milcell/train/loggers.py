@@ -39,8 +39,9 @@ opens runs (:func:`~milcell.train.crossval.cross_validate`,
 does so under :func:`finish_on_error`, which closes the runs it opened with
 ``"FAILED"`` (``"KILLED"`` for a :class:`KeyboardInterrupt` or a pruned
 trial) and re-raises. A logger given to a bare
-:class:`~milcell.train.trainer.Trainer` is the caller's to close: wrap the
-``fit`` in ``with finish_on_error(lg):`` for the same behaviour.
+:class:`~milcell.train.trainer.Trainer` as a callback is closed the same way
+when ``fit`` raises (its ``on_fit_error`` hook); after a ``fit`` that ends
+normally it stays open for the caller to log more and :meth:`RunLogger.finish`.
 
 The optional packages are imported only when a logger that needs them is
 built; a missing one raises a :class:`~milcell.exceptions.ConfigError` naming
@@ -290,6 +291,11 @@ class RunLogger(Callback):
         self.start()
         epoch = logs.get("epoch")
         self.log_metrics(logs, step=None if epoch is None else int(float(epoch)))
+
+    def on_fit_error(self, trainer: Any, error: BaseException) -> None:
+        """Close the run with :func:`error_status` of ``error`` (``"FAILED"`` / ``"KILLED"``)."""
+        if self.active:
+            self.finish(error_status(error))
 
 
 class CSVLogger(RunLogger):

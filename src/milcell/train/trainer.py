@@ -271,8 +271,9 @@ class Trainer:
         in memory.
     callbacks : sequence, optional
         Objects with any of ``on_fit_start(trainer, logs)``,
-        ``on_batch_end(trainer, logs)``, ``on_epoch_end(trainer, logs)`` and
-        ``on_fit_end(trainer, logs)`` (see :mod:`milcell.train.callbacks`;
+        ``on_batch_end(trainer, logs)``, ``on_epoch_end(trainer, logs)``,
+        ``on_fit_end(trainer, logs)`` and ``on_fit_error(trainer, error)``
+        (called before an error leaves ``fit``; see :mod:`milcell.train.callbacks`;
         experiment loggers in :mod:`milcell.train.loggers`).
     progress : bool, default True
         Show a tqdm progress bar per epoch (rank 0 only).
@@ -584,7 +585,22 @@ class Trainer:
         if self.output_dir is not None and self.is_main:
             lock = folder_lock(self.output_dir, what="checkpoint folder")
         with lock:
-            return self._fit(train_loader, val_loader, resume_from)
+            try:
+                return self._fit(train_loader, val_loader, resume_from)
+            except BaseException as error:
+                self._call_on_error(error)
+                raise
+
+    def _call_on_error(self, error: BaseException) -> None:
+        """``on_fit_error`` of every callback; a callback failing there is logged, not raised."""
+        for cb in self.callbacks:
+            fn = getattr(cb, "on_fit_error", None)
+            if fn is None:
+                continue
+            try:
+                fn(self, error)
+            except Exception as hook_error:  # the training error matters more
+                logger.warning("%s.on_fit_error failed: %s", type(cb).__name__, hook_error)
 
     def _fit(
         self,
