@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from milcell.data.bag import Bag, BagBatch, collate_bags
+from milcell.train.loggers import RunLogger
 
 __all__ = ["MeanMIL", "MeanMILOutput", "make_bags", "make_batch"]
 
@@ -152,3 +153,28 @@ class MeanMIL(nn.Module):
 
     def loss(self, output: MeanMILOutput, batch: BagBatch, class_weights: Tensor | None = None) -> Tensor:
         return F.cross_entropy(output.logits.float(), batch.labels, weight=class_weights, ignore_index=-1)
+
+
+class MemoryLogger(RunLogger):
+    """An experiment logger that keeps everything in lists: params, metrics, children, close status."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.params: dict[str, object] = {}
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.children: list[MemoryLogger] = []
+        self.status: str | None = None
+
+    def _new_child(self, name: str) -> RunLogger:
+        child = MemoryLogger(name)
+        self.children.append(child)
+        return child
+
+    def log_params(self, params) -> None:  # type: ignore[no-untyped-def]
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=None) -> None:  # type: ignore[no-untyped-def]
+        self.metrics.append((step, dict(metrics)))
+
+    def _close(self, status: str) -> None:
+        self.status = status

@@ -20,11 +20,11 @@ from milcell.train.crossval import cross_validate, feature_subset
 from milcell.train.loggers import (
     CSVLogger,
     MLflowLogger,
-    RunLogger,
     TensorBoardLogger,
     make_loggers,
     parse_logger_names,
 )
+from tests._factories import MemoryLogger as Memory
 from tests._factories import make_bags
 
 EPOCHS = 2
@@ -49,31 +49,6 @@ def _cv(loggers, output_dir=None):  # type: ignore[no-untyped-def]
         output_dir=output_dir,
         loggers=loggers,
     )
-
-
-class Memory(RunLogger):
-    """Records everything in lists (and its children)."""
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
-        self.params: dict[str, object] = {}
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.children: list[Memory] = []
-        self.status: str | None = None
-
-    def _new_child(self, name: str) -> RunLogger:
-        child = Memory(name)
-        self.children.append(child)
-        return child
-
-    def log_params(self, params) -> None:  # type: ignore[no-untyped-def]
-        self.params.update(params)
-
-    def log_metrics(self, metrics, step=None) -> None:  # type: ignore[no-untyped-def]
-        self.metrics.append((step, dict(metrics)))
-
-    def _close(self, status: str) -> None:
-        self.status = status
 
 
 def _epoch_rows(lg: Memory) -> str:

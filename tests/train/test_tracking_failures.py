@@ -14,27 +14,11 @@ from milcell.nn.model import create_mil_model
 from milcell.train import Trainer, make_loader
 from milcell.train.callbacks import Callback
 from milcell.train.crossval import cross_validate, feature_subset
-from milcell.train.loggers import MLflowLogger, RunLogger, error_status, finish_on_error
+from milcell.train.loggers import MLflowLogger, error_status, finish_on_error
+from tests._factories import MemoryLogger as Memory
 from tests._factories import make_bags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Memory(RunLogger):
-    """Keeps its children and the status it was closed with."""
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__(name)
-        self.children: list[Memory] = []
-        self.status: str | None = None
-
-    def _new_child(self, name: str) -> RunLogger:
-        child = Memory(name)
-        self.children.append(child)
-        return child
-
-    def _close(self, status: str) -> None:
-        self.status = status
 
 
 class Boom(RuntimeError):

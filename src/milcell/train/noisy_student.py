@@ -370,21 +370,29 @@ def noisy_student(
                     }
                 }
             )
-        children = [lg.child("teacher", {"iteration": 0}) for lg in loggers]
-        opened.extend(children)
-        teacher, trainer, history, metrics = _fit(
-            build_teacher,
-            seed,
-            labelled,
-            val,
-            batch_size,
-            num_workers,
-            kwargs,
-            build_optimizer,
-            build_scheduler,
-            drop_last,
-            children,
-        )
+
+        def fit_child(
+            build: Callable[[], nn.Module], fit_seed: int, train_set: Dataset[Bag], name: str, it: int
+        ) -> tuple[list[Any], nn.Module, Trainer, list[dict[str, float]], dict[str, float]]:
+            """One model of the loop, logged as the child run ``name`` of every logger."""
+            children = [lg.child(name, {"iteration": it}) for lg in loggers]
+            opened.extend(children)
+            fitted = _fit(
+                build,
+                fit_seed,
+                train_set,
+                val,
+                batch_size,
+                num_workers,
+                kwargs,
+                build_optimizer,
+                build_scheduler,
+                drop_last,
+                children,
+            )
+            return (children, *fitted)
+
+        children, teacher, trainer, history, metrics = fit_child(build_teacher, seed, labelled, "teacher", 0)
         rows = [
             {
                 "iteration": 0.0,
@@ -444,20 +452,8 @@ def noisy_student(
             else:
                 pseudo = PseudoLabelledDataset(unlabelled, kept.numpy(), labels=hard[kept].numpy())
                 train = ConcatDataset([labelled, pseudo])
-            children = [lg.child(f"student_{it}", {"iteration": it}) for lg in loggers]
-            opened.extend(children)
-            student, trainer, history, metrics = _fit(
-                build_student,
-                seed + it,
-                train,
-                val,
-                batch_size,
-                num_workers,
-                kwargs,
-                build_optimizer,
-                build_scheduler,
-                drop_last,
-                children,
+            children, student, trainer, history, metrics = fit_child(
+                build_student, seed + it, train, f"student_{it}", it
             )
             rows.append(
                 {
