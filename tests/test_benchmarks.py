@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -109,3 +110,35 @@ def test_parse_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
         harness.parse(harness.make_parser("x"), ["--quick", "--smoke"])
     args = harness.parse(harness.make_parser("x"), ["--smoke"])
     assert (args.repeats, args.warmup) == (1, 0)
+
+
+@pytest.mark.slow
+def test_classic_mil_resume_reuses_same_settings_only_and_reuse_only_computes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _load("classic_mil", monkeypatch)
+    table = module.synthetic_table(tmp_path / "synthetic.csv")
+    base = ["--smoke", "--data-dir", str(tmp_path), "--datasets", "synthetic", "--out-dir", str(tmp_path)]
+    calls: list[str] = []
+    real = module.run_protocol
+
+    def counted(bags: object, pooling: str, **kwargs: object) -> object:
+        calls.append(pooling)
+        return real(bags, pooling, **kwargs)
+
+    monkeypatch.setattr(module, "run_protocol", counted)
+    assert table.is_file()
+    first = module.main([*base, "--poolings", "mean", "--resume"])["results"]
+    assert calls == ["mean"]
+    store = json.loads((tmp_path / "classic_mil_results.json").read_text(encoding="utf-8"))
+    assert list(store) == ["synthetic/mean"] and store["synthetic/mean"]["settings"]["inner_fraction"] == 0.2
+    again = module.main([*base, "--poolings", "mean,max", "--resume", "--reuse-only"])["results"]
+    assert calls == ["mean"]  # nothing computed
+    assert list(again) == [("synthetic", "mean")]
+    assert again[("synthetic", "mean")]["accuracy"][0] == first[("synthetic", "mean")]["accuracy"][0]
+    md = (tmp_path / "classic_mil.md").read_text(encoding="utf-8")
+    assert "Not run (--reuse-only" in md and "synthetic/max" in md and "Reused" in md
+    module.main([*base, "--poolings", "mean", "--resume", "--inner-fraction", "0.3"])  # other settings
+    assert calls == ["mean", "mean"]
+    with pytest.raises(SystemExit):
+        module.main([*base, "--reuse-only"])
