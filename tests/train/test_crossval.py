@@ -378,6 +378,38 @@ def test_changed_settings_are_refused_and_overwrite_retrains(tmp_path: Path) -> 
     assert stored["lr"] == 0.01
 
 
+def test_every_rank_checks_the_output_dir_before_any_fold_writes_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: under torchrun rank 0 wrote fold_0_0/ while rank 1 was still checking the folder,
+    # and rank 1 refused the half-written fold as "trained with an unrecorded configuration".
+    from milcell.train import crossval
+
+    ds = _dataset(9)
+    seen: list[list[str]] = []
+    monkeypatch.setattr(crossval, "barrier", lambda: seen.append(sorted(p.name for p in tmp_path.iterdir())))
+    cross_validate(_build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path)
+    assert seen[:1] == [[]]  # the ranks wait for each other after checking, before the first fold
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fold_0_0", "fold_0_1", "fold_0_2"]
+
+
+def test_overwrite_discards_stale_folds_on_the_main_rank_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from milcell.train import crossval
+
+    ds = _dataset(9)
+    cross_validate(_build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path)
+    settings = json.loads((tmp_path / "fold_0_0" / "settings.json").read_text())
+    changed = {**settings, "lr": 0.01}
+    monkeypatch.setattr(crossval, "is_main_process", lambda: False)
+    crossval._check_output_dir(tmp_path, changed, overwrite=True)  # another rank: leaves them to rank 0
+    assert (tmp_path / "fold_0_0" / "result.json").is_file()
+    monkeypatch.setattr(crossval, "is_main_process", lambda: True)
+    crossval._check_output_dir(tmp_path, changed, overwrite=True)
+    assert not (tmp_path / "fold_0_0").exists()
+
+
 def test_result_without_metrics_names_the_file_and_key(tmp_path: Path) -> None:
     ds = _dataset(9)
     cross_validate(_build(), _splitter(ds), ds.labels, n_splits=3, trainer_kwargs=FAST, output_dir=tmp_path)

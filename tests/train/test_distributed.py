@@ -119,7 +119,15 @@ def _torchrun(out_dir: Path, *args: str) -> None:
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:  # each rank's own traceback first: the agent's report alone hides the cause
+        ranks = [line for line in proc.stderr.splitlines() if line.startswith(("[rank0]", "[rank1]"))]
+        pytest.fail(
+            "\n".join(ranks[-80:])
+            + "\n--- stdout:\n"
+            + proc.stdout[-2000:]
+            + "\n--- stderr:\n"
+            + proc.stderr[-2000:]
+        )
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ from milcell.data.splits import Fold, inner_split, make_folds
 from milcell.exceptions import CheckpointError, ConfigError, DataError
 from milcell.metrics import format_summary, summarize_folds
 from milcell.train.checkpoint import load_weights
-from milcell.train.distributed import get_rank, get_world_size, is_main_process, make_loader
+from milcell.train.distributed import barrier, get_rank, get_world_size, is_main_process, make_loader
 from milcell.train.fit import fit_model
 
 __all__ = [
@@ -528,9 +528,10 @@ def _check_output_dir(root: Path, settings: Mapping[str, Any], overwrite: bool) 
     if not stale:
         return
     if overwrite:
-        for fold_dir, was, _ in stale:
-            logger.warning("cross_validate: overwrite: discarding %s (trained with %s)", fold_dir, was)
-            shutil.rmtree(fold_dir)
+        if is_main_process():  # one rank deletes; the others wait for it (cross_validate's barrier)
+            for fold_dir, was, _ in stale:
+                logger.warning("cross_validate: overwrite: discarding %s (trained with %s)", fold_dir, was)
+                shutil.rmtree(fold_dir)
         return
     fold_dir, was, now = stale[0]
     raise ConfigError(
@@ -902,6 +903,10 @@ def cross_validate(
         del probe
         _check_splits(root, splits, bool(overwrite))
         _check_output_dir(root, settings, bool(overwrite))
+        # Under torchrun every rank checks the folder as it was before any fold wrote to it: rank 0
+        # writes a fold's settings as soon as it starts the fold, and a rank still checking would
+        # take the half-written fold for one of another run.
+        barrier()
 
     fold_rows: list[dict[str, float]] = []
     histories: list[list[dict[str, float]]] = []
